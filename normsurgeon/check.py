@@ -1,0 +1,106 @@
+"""Numerical equivalence of two models' outputs, with tolerances that follow the dtype.
+
+Outputs may be nested (tuples, lists, dicts, ``transformers`` ModelOutput, dataclasses); they are
+flattened into named tensors and compared one by one. Float outputs pass when
+``max|new - ref| <= atol + rtol * max|ref|``; integer and bool outputs must be equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+
+from .report import Check, OutputDiff
+
+# (atol, rtol) per dtype: a fold rounds each weight once, but deep nets accumulate that rounding.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """The (atol, rtol) normsurgeon uses for outputs of ``dtype``."""
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def flatten_outputs(obj: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Named tensors of a (nested) model output, in a stable order."""
+    return list(_walk(obj, prefix))
+
+
+def _walk(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield name, obj
+    elif isinstance(obj, dict):  # also transformers' ModelOutput, an OrderedDict subclass
+        for key, value in obj.items():
+            yield from _walk(value, f"{name}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _walk(value, f"{name}[{i}]")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name), f"{name}.{f.name}")
+
+
+def compare_outputs(
+    reference: Any,
+    candidate: Any,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    label: str = "transformed vs original",
+) -> Check:
+    """Compare two (nested) outputs; tolerances default to the loosest output dtype's."""
+    ref_items = flatten_outputs(reference)
+    new_items = dict(flatten_outputs(candidate))
+    dtypes = [t.dtype for _, t in ref_items if t.is_floating_point()] or [torch.float32]
+    loosest = max((default_tolerance(d) for d in dtypes), key=lambda tol: tol[1])
+    atol = loosest[0] if atol is None else atol
+    rtol = loosest[1] if rtol is None else rtol
+    diffs = []
+    for name, ref in ref_items:
+        new = new_items.get(name)
+        diffs.append(_diff(name, ref, new, atol, rtol))
+    if not ref_items:
+        diffs.append(OutputDiff("output", float("nan"), float("nan"), float("nan"), False, "no tensor outputs"))
+    return Check(tuple(diffs), atol=atol, rtol=rtol, label=label)
+
+
+def _diff(name: str, ref: torch.Tensor, new: torch.Tensor | None, atol: float, rtol: float) -> OutputDiff:
+    nan = float("nan")
+    if new is None:
+        return OutputDiff(name, nan, nan, nan, False, "missing from the new model's outputs")
+    if tuple(new.shape) != tuple(ref.shape):
+        return OutputDiff(name, nan, nan, nan, False, f"shape {tuple(new.shape)} != {tuple(ref.shape)}")
+    if not ref.is_floating_point() and not ref.is_complex():
+        equal = bool(torch.equal(ref.cpu(), new.cpu().to(ref.dtype)))
+        mismatches = 0.0 if equal else 1.0
+        return OutputDiff(name, mismatches, mismatches, 1.0 if equal else 0.0, equal, "" if equal else "values differ")
+    a = ref.detach().cpu().double()
+    b = new.detach().cpu().double()
+    finite_ref = torch.isfinite(a)
+    if not torch.equal(finite_ref, torch.isfinite(b)) or not torch.equal(
+        _nonfinite_code(a[~finite_ref]), _nonfinite_code(b[~finite_ref])
+    ):
+        return OutputDiff(name, float("inf"), float("inf"), nan, False, "NaN/inf in different places")
+    a, b = a[finite_ref], b[finite_ref]
+    if a.numel() == 0:
+        return OutputDiff(name, 0.0, 0.0, 1.0, True)
+    max_abs = (a - b).abs().max().item()
+    scale = a.abs().max().item()
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-30).item()
+    if scale == 0 and b.abs().max().item() == 0:
+        cosine = 1.0
+    passed = max_abs <= atol + rtol * scale
+    return OutputDiff(name, max_abs, max_rel, cosine, passed)
+
+
+def _nonfinite_code(values: torch.Tensor) -> torch.Tensor:
+    """NaN, +inf and -inf as 0, 1, -1, so two non-finite patterns compare with torch.equal."""
+    return values.nan_to_num(nan=0.0, posinf=1.0, neginf=-1.0)

@@ -1,0 +1,70 @@
+"""The errors normsurgeon raises on purpose, and the exit code the CLI gives each.
+
+Every error carries a one-line message that names the problem and the fix. The CLI prints
+``error: <message>`` and exits with the class's ``exit_code``; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class NormSurgeonError(Exception):
+    """Base class: a problem with the user's input or model that normsurgeon explains."""
+
+    exit_code = 1
+
+
+class UsageError(NormSurgeonError):
+    """Options that contradict each other or are missing (e.g. no example inputs)."""
+
+    exit_code = 2
+
+
+class LoadError(NormSurgeonError):
+    """A file could not be read as a model, checkpoint or tensor file."""
+
+    exit_code = 3
+
+
+class UnsafePickleError(LoadError):
+    """A pickle references callables outside the allowlist; nothing was executed."""
+
+    exit_code = 4
+
+
+class PreconditionError(NormSurgeonError):
+    """The model is not in a state the pass can work on (e.g. training mode)."""
+
+    exit_code = 5
+
+
+class VerificationError(NormSurgeonError):
+    """The transformed model does not match the original within tolerance."""
+
+    exit_code = 6
+
+
+class ExportError(NormSurgeonError):
+    """A model could not be exported (to ONNX)."""
+
+    exit_code = 7
+
+
+class OutputError(NormSurgeonError):
+    """An output file could not be written (exists, unwritable directory, ...)."""
+
+    exit_code = 8
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        NormSurgeonError,
+        UsageError,
+        LoadError,
+        UnsafePickleError,
+        PreconditionError,
+        VerificationError,
+        ExportError,
+        OutputError,
+    )
+}

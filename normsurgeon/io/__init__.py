@@ -1,0 +1,1 @@
+"""Reading models and inputs, writing results: the edges of normsurgeon."""

@@ -1,0 +1,147 @@
+"""Example inputs for tracing and checking: ``--input-shape``, ``--inputs FILE``, or inference.
+
+``--input-shape 1,3,224,224`` makes a random float tensor; ``1,16:int64`` makes integer ids
+(below the smallest ``nn.Embedding`` size in the model, so token ids are valid). ``--inputs``
+loads a saved tensor, tuple/list of tensors (positional) or dict (keyword arguments). With
+neither, inputs are inferred only when the first layer makes them unambiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "int64": torch.int64, "long": torch.int64, "int32": torch.int32, "int": torch.int32,
+    "bool": torch.bool, "uint8": torch.uint8,
+}
+_INFERRED_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One example input: its shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class ExampleInputs:
+    """Positional (tuple) or keyword (dict) arguments, and how they were obtained."""
+
+    args: tuple | dict
+    description: str
+
+
+def parse_input_shape(spec: str) -> InputSpec:
+    """Parse ``1,3,224,224`` or ``1,16:int64``."""
+    shape_text, _, dtype_text = spec.partition(":")
+    try:
+        shape = tuple(int(d) for d in shape_text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"bad --input-shape {spec!r}: expected positive integers like 1,3,224,224 (optionally :int64)")
+    dtype_name = dtype_text.strip().lower() or "float32"
+    if dtype_name not in _DTYPES:
+        raise UsageError(f"bad dtype {dtype_name!r} in --input-shape {spec!r}: use one of {', '.join(sorted(_DTYPES))}")
+    return InputSpec(shape, _DTYPES[dtype_name])
+
+
+def make_inputs(specs: Sequence[InputSpec], model: nn.Module | None = None, *, seed: int = 0) -> tuple:
+    """Random tensors for the given specs; integer inputs stay below the model's vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    high = _smallest_vocabulary(model) if model is not None else 2
+    tensors = []
+    for spec in specs:
+        if spec.dtype.is_floating_point:
+            tensors.append(torch.randn(spec.shape, generator=generator).to(spec.dtype))
+        elif spec.dtype == torch.bool:
+            tensors.append(torch.randint(0, 2, spec.shape, generator=generator).bool())
+        else:
+            tensors.append(torch.randint(0, high, spec.shape, generator=generator, dtype=spec.dtype))
+    return tuple(tensors)
+
+
+def _smallest_vocabulary(model: nn.Module) -> int:
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return min(sizes) if sizes else 2
+
+
+def to_model_dtype_and_device(inputs: tuple | dict, model: nn.Module) -> tuple | dict:
+    """Move float inputs to the model's device and floating dtype (a fp16 model gets fp16 inputs)."""
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is None:
+        return inputs
+
+    def convert(t):
+        if isinstance(t, torch.Tensor):
+            t = t.to(reference.device)
+            return t.to(reference.dtype) if t.is_floating_point() else t
+        return t
+
+    if isinstance(inputs, dict):
+        return {k: convert(v) for k, v in inputs.items()}
+    return tuple(convert(t) for t in inputs)
+
+
+def infer_inputs(model: nn.Module) -> ExampleInputs:
+    """Inputs for models whose first layer leaves no doubt; a UsageError asking for them otherwise."""
+    first = next((m for m in model.modules() if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))), None)
+    if isinstance(first, nn.Conv2d) and not isinstance(first, nn.LazyConv2d):
+        shape = (1, first.in_channels, _INFERRED_IMAGE_SIZE, _INFERRED_IMAGE_SIZE)
+    elif isinstance(first, nn.Linear) and not isinstance(first, nn.LazyLinear):
+        shape = (1, first.in_features)
+    else:
+        kind = type(first).__name__ if first is not None else "no layer with parameters"
+        raise UsageError(
+            f"cannot infer example inputs (the first layer is {kind}); "
+            "pass --input-shape 1,3,224,224 (repeatable, ':int64' for ids) or --inputs FILE.pt"
+        )
+    spec = InputSpec(shape)
+    text = ",".join(map(str, shape))
+    return ExampleInputs(
+        to_model_dtype_and_device(make_inputs([spec]), model),
+        f"assumed one random input of shape {text} from the first layer {type(first).__name__}; "
+        "pass --input-shape to choose",
+    )
+
+
+def resolve_inputs(
+    model: nn.Module,
+    *,
+    input_shapes: Sequence[str] = (),
+    inputs_file: str | Path | None = None,
+    trust_pickle: bool = False,
+    seed: int = 0,
+) -> ExampleInputs:
+    """Example inputs from the CLI options (exactly one source), or inferred."""
+    if input_shapes and inputs_file:
+        raise UsageError("give either --input-shape or --inputs, not both")
+    if inputs_file:
+        from .loading import load_tensors
+
+        loaded = load_tensors(inputs_file, trust_pickle=trust_pickle)
+        if isinstance(loaded, torch.Tensor):
+            loaded = (loaded,)
+        elif isinstance(loaded, list):
+            loaded = tuple(loaded)
+        if not isinstance(loaded, (tuple, dict)):
+            raise UsageError(f"{inputs_file}: expected a tensor, a tuple/list or a dict of tensors, got {type(loaded).__name__}")
+        return ExampleInputs(to_model_dtype_and_device(loaded, model), f"inputs from {inputs_file}")
+    if input_shapes:
+        specs = [parse_input_shape(s) for s in input_shapes]
+        described = "; ".join(",".join(map(str, s.shape)) + f":{str(s.dtype).removeprefix('torch.')}" for s in specs)
+        return ExampleInputs(to_model_dtype_and_device(make_inputs(specs, model, seed=seed), model), f"random inputs {described}")
+    return infer_inputs(model)

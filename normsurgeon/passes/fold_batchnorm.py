@@ -1,0 +1,286 @@
+"""Fold test-time BatchNorm into the conv / linear layer next to it.
+
+A BN is folded into the layer that *produces* its input (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+Linear, grouped or not, with or without bias) when the traced dataflow proves that every call of
+that layer feeds this BN and nothing else, and every call of the BN reads only that layer (an
+axis-only op such as ``transpose`` may sit between them). Otherwise it is folded into the layers
+that *consume* its output, when those are convs whose padding commutes with a per-channel affine
+(no zero padding) or linears, and they read nothing else. The maths is in :mod:`normsurgeon.maths`.
+
+Folded BNs become ``nn.Identity``; the model stays the user's own class. A BN with no foldable
+neighbour is kept (or, with ``unfoldable="affine"``, replaced by a :class:`ChannelAffine`), and
+the report says why.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..check import compare_outputs
+from ..errors import PreconditionError, VerificationError
+from ..layout import axis_after, axis_before, is_layout_op
+from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
+from ..modules import ChannelAffine
+from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
+from ..report import Change, Report, Skip, SkipReason
+from ..surgery import editable_weight, ensure_bias, replace_module
+from ..trace import Node, Trace, Value, call_model, trace
+
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+_CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class Refused(Exception):
+    """A fold plan that does not hold, with the reason (internal to this pass)."""
+
+    def __init__(self, reason: SkipReason, detail: str, stats: BatchNormStats | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.stats = stats
+
+
+@dataclass
+class FoldPlan:
+    """Fold ``norm`` into ``targets``: its producer (``into_producer``) or its consumers."""
+
+    norm: nn.Module
+    stats: BatchNormStats
+    targets: list[nn.Module]
+    into_producer: bool
+
+
+def fold_batchnorm(
+    model: nn.Module,
+    example_inputs: tuple | dict,
+    *,
+    inplace: bool = True,
+    unfoldable: Literal["keep", "affine"] = "keep",
+    allow_default_stats: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_mismatch: bool = True,
+) -> Report:
+    """Fold every test-time BatchNorm of ``model`` that can be folded exactly; return the report.
+
+    ``example_inputs`` (a tuple of positional or a dict of keyword arguments) drive the trace
+    that proves the dataflow and the check that compares the folded model with the original.
+    With ``inplace=False`` the model is deep-copied first; ``report.model`` is the folded model.
+    A failed check raises :class:`VerificationError` (with ``raise_on_mismatch``).
+    """
+    if model.training:
+        raise PreconditionError(
+            "the model is in training mode, where BatchNorm uses batch statistics; "
+            "call model.eval() first (CLI: --eval) to fold its test-time behaviour"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report("fold", model=model)
+    flow = trace(model, example_inputs)
+    shared = _shared_tensor_ids(model)
+    for path, module in _batchnorm_modules(model):
+        try:
+            plan = _plan(flow, module, shared, allow_default_stats)
+        except Refused as refusal:
+            if unfoldable == "affine" and refusal.stats is not None:
+                _replace_with_affine(model, module, refusal.stats, report, path)
+            else:
+                report.skipped.append(Skip(path, refusal.reason, refusal.detail))
+            continue
+        _apply(plan)
+        replace_module(model, module, nn.Identity())
+        for target in plan.targets:
+            side = "producer" if plan.into_producer else "consumer"
+            report.changes.append(Change("folded", path, flow.module_paths[target], f"into its {side}"))
+    with torch.no_grad():
+        folded_outputs = call_model(model, example_inputs)
+    report.check = compare_outputs(flow.outputs, folded_outputs, atol=atol, rtol=rtol, label="folded vs original")
+    if raise_on_mismatch and not report.check.passed:
+        raise VerificationError(
+            f"the folded model differs from the original by {report.check.max_abs_diff:.3g} "
+            f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); "
+            "please report this model — the model was changed in place, reload it"
+        )
+    return report
+
+
+def _batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(path, m) for path, m in model.named_modules() if is_batchnorm_like(m)]
+
+
+def _shared_tensor_ids(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: bool) -> FoldPlan:
+    calls = flow.calls_of(norm)
+    if not calls:
+        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+    first_input = flow.data_input(calls[0])
+    try:
+        stats = batchnorm_stats(norm, first_input.shape if first_input else None)
+    except NotBatchNorm as reason:
+        raise Refused(reason.reason, reason.detail) from None
+    if never_updated(norm, stats) and not allow_default_stats:
+        raise Refused(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
+    if any(flow.uses_outside(t) for t in norm.parameters()) or any(flow.uses_outside(t) for t in norm.buffers()):
+        raise Refused(SkipReason.FUNCTIONAL_USE, "its tensors are read by code outside it")
+    reasons = []
+    for planner in (_producer_targets, _consumer_targets):
+        try:
+            targets = planner(flow, calls)
+            for target in targets:
+                _check_editable(flow, target, shared)
+            return FoldPlan(norm, stats, targets, into_producer=planner is _producer_targets)
+        except Refused as refusal:
+            if refusal.reason is not SkipReason.NO_FOLDABLE_NEIGHBOUR:
+                raise
+            reasons.append(refusal.detail)
+    raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats)
+
+
+def _check_editable(flow: Trace, target: nn.Module, shared: set[int]) -> None:
+    path = flow.module_paths[target]
+    if any(id(p) in shared for p in target.parameters()):
+        raise Refused(SkipReason.SHARED_PARAMETER, f"{path} shares its weight with another module")
+    if any(flow.uses_outside(p) for p in target.parameters()):
+        raise Refused(SkipReason.FUNCTIONAL_USE, f"{path}'s weight is also read outside {path}")
+    weight = editable_weight(target)
+    if isinstance(weight, str):
+        raise Refused(SkipReason.PARAMETRIZED_WEIGHT, f"{path}: {weight}")
+
+
+def _single_user(value: Value) -> Node | None:
+    return value.users[0] if len(value.users) == 1 else None
+
+
+def _channel_axis(module: nn.Module, rank: int) -> int:
+    """The channel axis of a layer's output (producer) or input (consumer)."""
+    return rank - 1 if isinstance(module, nn.Linear) else 1
+
+
+def _producer_targets(flow: Trace, calls: list[Node]) -> list[nn.Module]:
+    producers: list[Node] = []
+    for call in calls:
+        value, axis, consumer = flow.data_input(call), 1, call
+        while value is not None and is_layout_op(value.producer) and _single_user(value) is consumer:
+            consumer = value.producer
+            axis = axis_before(consumer, axis)
+            value = flow.data_input(consumer)
+        if value is None:
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its input is not produced by a layer")
+        producer = value.producer
+        label = _describe(flow, producer)
+        if not (producer.kind == "module" and isinstance(producer.module, _PRODUCERS)):
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its input comes from {label}")
+        if _single_user(value) is not consumer:
+            others = ", ".join(_describe(flow, u) for u in value.users if u is not consumer)
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s output also goes to {others}")
+        if axis != _channel_axis(producer.module, len(value.shape)):
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s channels are not the norm's channels")
+        producers.append(producer)
+    modules = {p.module for p in producers}
+    if len(modules) != 1:
+        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its calls read different layers")
+    (module,) = modules
+    if len(flow.calls_of(module)) != len(producers):
+        raise Refused(
+            SkipReason.NO_FOLDABLE_NEIGHBOUR,
+            f"{flow.module_paths[module]} is called {len(flow.calls_of(module))} times, not always before this norm",
+        )
+    return [module]
+
+
+def _consumer_targets(flow: Trace, calls: list[Node]) -> list[nn.Module]:
+    reads: dict[nn.Module, int] = {}
+    for call in calls:
+        for consumer, axis, value in _consumers(call.outputs[0] if call.outputs else None, 1):
+            label = _describe(flow, consumer)
+            if not (consumer.kind == "module" and isinstance(consumer.module, _CONSUMERS)):
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output goes to {label}")
+            if flow.data_input(consumer) is not value or len(consumer.inputs) != 1:
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} reads other tensors too")
+            if axis != _channel_axis(consumer.module, len(value.shape)):
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} mixes the norm's channels differently")
+            why_not = _inexact_consumer(consumer.module)
+            if why_not:
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} {why_not}")
+            reads[consumer.module] = reads.get(consumer.module, 0) + 1
+    for module, count in reads.items():
+        if len(flow.calls_of(module)) != count:
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
+    return list(reads)
+
+
+def _consumers(value: Value | None, axis: int):
+    """(consumer node, channel axis at its input, value it reads), looking through layout ops."""
+    if value is None or not value.users:
+        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its output is not used by a layer")
+    for user in value.users:
+        if is_layout_op(user) and user.outputs:
+            yield from _consumers(user.outputs[0], axis_after(user, axis))
+        else:
+            yield user, axis, value
+
+
+def _inexact_consumer(module: nn.Module) -> str:
+    """Why folding a per-channel shift into this consumer would not be exact ('' if it is)."""
+    if isinstance(module, nn.Linear):
+        return ""
+    if module.transposed:
+        return "is a transposed conv: a shift of its input does not add a constant to its output"
+    if module.padding_mode != "zeros":
+        return ""
+    padding = module.padding
+    if padding == "same":
+        padding = tuple(0 if k == 1 else 1 for k in module.kernel_size)
+    if padding == "valid" or not any(padding):
+        return ""
+    return f"has zero padding {module.padding}: the shift would not apply to the padded zeros"
+
+
+def _describe(flow: Trace, node: Node) -> str:
+    if node.kind == "module":
+        return f"{node.name} ({type(node.module).__name__})"
+    if node.kind == "output":
+        return "the model's output"
+    if node.kind == "input":
+        return "the model's input"
+    return f"{node.name}()"
+
+
+def _apply(plan: FoldPlan) -> None:
+    s, t = batchnorm_scale_shift(plan.stats.mean, plan.stats.var, plan.stats.eps, plan.stats.weight, plan.stats.bias)
+    for module in plan.targets:
+        weight = editable_weight(module)
+        assert not isinstance(weight, str)  # checked while planning
+        w = weight.tensor
+        groups = getattr(module, "groups", 1)
+        is_transposed = getattr(module, "transposed", False)
+        if plan.into_producer:
+            bias = ensure_bias(module, s.numel(), w)
+            new_bias = bias.detach().double() * s.to(bias.device) + t.to(bias.device)
+            scale_channels_(w, s, channel_dim=1 if is_transposed else 0, groups=groups)
+        else:
+            out_features = w.shape[1] * groups if is_transposed else w.shape[0]
+            bias = ensure_bias(module, out_features, w)
+            new_bias = bias.detach().double() + input_shift_contribution(w, t, groups=groups).to(bias.device)
+            scale_channels_(w, s, channel_dim=1, groups=groups)
+        weight.commit()
+        with torch.no_grad():
+            bias.copy_(new_bias.to(bias.dtype))
+
+
+def _replace_with_affine(model: nn.Module, norm: nn.Module, stats: BatchNormStats, report: Report, path: str) -> None:
+    s, t = batchnorm_scale_shift(stats.mean, stats.var, stats.eps, stats.weight, stats.bias)
+    dtype = stats.mean.dtype
+    replace_module(model, norm, ChannelAffine(s.to(dtype), t.to(dtype)))
+    report.changes.append(Change("replaced", path, None, "by a per-channel affine (no foldable neighbour)"))

@@ -1,0 +1,53 @@
+"""Rendering reports for people (rich tables) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .report import Check, Report
+
+
+def render_json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, indent=2, default=str, allow_nan=True)
+
+
+def print_report(report: Report, console: Console, *, title: str, facts: dict[str, str] | None = None) -> None:
+    """A short human report: facts, what changed, what was skipped and why, the check."""
+    console.print(f"[bold]{title}[/bold]")
+    for key, value in (facts or {}).items():
+        console.print(f"  {key}: {value}")
+    for note in report.notes:
+        console.print(f"  note: {note}")
+    if report.changes:
+        table = Table(title=f"changed ({len(report.changes)})", title_justify="left")
+        for column in ("module", "action", "into", "detail"):
+            table.add_column(column)
+        for change in report.changes:
+            table.add_row(change.module, change.action, change.into or "", change.detail)
+        console.print(table)
+    else:
+        console.print("  nothing changed")
+    if report.skipped:
+        table = Table(title=f"skipped ({len(report.skipped)})", title_justify="left")
+        table.add_column("module")
+        table.add_column("why")
+        for skip in report.skipped:
+            table.add_row(skip.module, skip.message)
+        console.print(table)
+    if report.check is not None:
+        print_check(report.check, console)
+
+
+def print_check(check: Check, console: Console) -> None:
+    table = Table(title=f"check: {check.label} (pass if max|diff| <= {check.atol:g} + {check.rtol:g}*max|ref|)",
+                  title_justify="left")
+    for column in ("output", "max abs diff", "max rel diff", "cosine", "result"):
+        table.add_column(column)
+    for out in check.outputs:
+        verdict = "[green]pass[/green]" if out.passed else f"[red]FAIL[/red] {out.detail}".rstrip()
+        table.add_row(out.name, f"{out.max_abs_diff:.3g}", f"{out.max_rel_diff:.3g}", f"{out.cosine:.9f}", verdict)
+    console.print(table)

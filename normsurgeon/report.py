@@ -1,0 +1,155 @@
+"""What a pass did: the changes it made, what it skipped and why, and the numerical check.
+
+Every pass returns a :class:`Report`. The CLI renders it as a table or as JSON; tests assert
+on its fields. A skip always carries a :class:`SkipReason` member plus a detail sentence, so
+the user sees *why* a norm was left alone — never a silent ``continue``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SkipReason(enum.Enum):
+    """Why a pass left a module as it was. The value is the short, user-facing explanation."""
+
+    TRAINING_MODE = "in training mode: it normalizes with batch statistics"
+    NO_RUNNING_STATS = "track_running_stats=False: it uses batch statistics even in eval mode"
+    NONFINITE_STATS = "running statistics contain NaN or inf"
+    NEVER_UPDATED = "running statistics were never updated (num_batches_tracked=0, mean 0, var 1)"
+    NOT_CALLED = "not called on the example inputs"
+    UNKNOWN_BEHAVIOUR = "subclass overrides forward(): what it computes is not known"
+    NO_FOLDABLE_NEIGHBOUR = "no neighbouring conv/linear it can be folded into exactly"
+    SHARED_PARAMETER = "a weight it would change is shared with another module"
+    PARAMETRIZED_WEIGHT = "the neighbour's weight is parametrized in a way the fold cannot keep"
+    FUNCTIONAL_USE = "its parameters or buffers are also used outside its own forward()"
+    UNSUPPORTED_DTYPE = "non-floating-point parameters"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit a pass made: ``module`` (e.g. a norm) was ``action``-ed, ``into`` another module."""
+
+    action: str
+    module: str
+    into: str | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "module": self.module, "into": self.into, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A module the pass looked at and left as it was."""
+
+    module: str
+    reason: SkipReason
+    detail: str = ""
+
+    @property
+    def message(self) -> str:
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.module, "reason": self.message, "code": self.reason.name}
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How one (flattened, named) output of the new model differs from the original's."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    cosine: float
+    passed: bool
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
+            "cosine": self.cosine,
+            "passed": self.passed,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Check:
+    """The numerical comparison of a transformed model against the original on the same inputs.
+
+    An output passes when ``max_abs_diff <= atol + rtol * max|reference|``; ``max_rel_diff`` is
+    ``max_abs_diff / max|reference|`` (relative to the output's scale, not element-wise, so
+    near-zero elements do not make it meaningless).
+    """
+
+    outputs: tuple[OutputDiff, ...]
+    atol: float
+    rtol: float
+    label: str = "transformed vs original"
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((o.max_abs_diff for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((o.max_rel_diff for o in self.outputs), default=0.0)
+
+    @property
+    def min_cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "passed": self.passed,
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
+            "min_cosine": self.min_cosine,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+@dataclass
+class Report:
+    """The result of one pass over one model."""
+
+    pass_name: str
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    check: Check | None = None
+    notes: list[str] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)  # the transformed nn.Module, for the caller
+
+    @property
+    def passed(self) -> bool:
+        """True when the pass's numerical check ran and passed (or there was nothing to check)."""
+        return self.check is None or self.check.passed
+
+    def changed(self, action: str) -> list[Change]:
+        return [c for c in self.changes if c.action == action]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_name,
+            "passed": self.passed,
+            "changes": [c.to_dict() for c in self.changes],
+            "folded": [
+                {"norm": c.module, "into": c.into, "detail": c.detail} for c in self.changed("folded")
+            ],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "check": self.check.to_dict() if self.check else None,
+            "notes": list(self.notes),
+        }

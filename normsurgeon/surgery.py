@@ -1,0 +1,87 @@
+"""Editing modules in place: swapping a submodule everywhere it is registered, and writing a
+layer's weight whether it is a plain parameter or weight-normalized (w = g * v / ||v||)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
+    """Register ``new`` wherever ``old`` is registered in ``model``; returns the paths replaced."""
+    replaced = []
+    for parent_path, parent in list(model.named_modules(remove_duplicate=False)):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[name] = new
+                replaced.append(f"{parent_path}.{name}" if parent_path else name)
+    return replaced
+
+
+def _hook_weight_norm(module: nn.Module) -> WeightNorm | None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return hook
+    return None
+
+
+@dataclass
+class EditableWeight:
+    """A layer's effective weight that can be changed in place, then written back.
+
+    For a plain parameter, ``tensor`` *is* the parameter's data. For a weight-normalized layer it
+    is the computed weight; :meth:`commit` re-parametrizes from it (v = w, g = ||w||), which keeps
+    the weight norm and makes the layer compute exactly ``tensor``.
+    """
+
+    module: nn.Module
+    tensor: torch.Tensor
+    weight_norm_dim: int | None = None
+    style: str = "plain"  # "plain" | "parametrization" | "hook"
+
+    def commit(self) -> None:
+        if self.style == "plain":
+            return
+        w = self.tensor
+        g = torch.norm_except_dim(w, 2, self.weight_norm_dim)
+        with torch.no_grad():
+            if self.style == "parametrization":
+                original = self.module.parametrizations.weight
+                original.original0.copy_(g.to(original.original0.dtype))
+                original.original1.copy_(w.to(original.original1.dtype))
+            else:
+                self.module.weight_g.copy_(g.to(self.module.weight_g.dtype))
+                self.module.weight_v.copy_(w.to(self.module.weight_v.dtype))
+                setattr(self.module, "weight", w.clone())
+
+
+def editable_weight(module: nn.Module) -> EditableWeight | str:
+    """The module's weight, ready to edit, or the reason it cannot be edited exactly."""
+    if parametrize.is_parametrized(module, "weight"):
+        plist = module.parametrizations.weight
+        if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+            kinds = ", ".join(type(p).__name__ for p in plist)
+            return f"weight is parametrized by {kinds}"
+        with torch.no_grad():
+            weight = module.weight.detach().clone()
+        return EditableWeight(module, weight, plist[0].dim, "parametrization")
+    hook = _hook_weight_norm(module)
+    if hook is not None:
+        with torch.no_grad():
+            weight = hook.compute_weight(module).detach().clone()
+        return EditableWeight(module, weight, hook.dim, "hook")
+    if not isinstance(module.weight, torch.Tensor) or not module.weight.is_floating_point():
+        return "weight is not a floating-point tensor"
+    return EditableWeight(module, module.weight.data)
+
+
+def ensure_bias(module: nn.Module, size: int, like: torch.Tensor) -> torch.Tensor:
+    """The module's bias, created as zeros (same dtype/device as ``like``) when it has none."""
+    if getattr(module, "bias", None) is None:
+        module.bias = nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device),
+                                   requires_grad=like.requires_grad)
+    return module.bias

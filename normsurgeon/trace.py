@@ -1,0 +1,231 @@
+"""Learn where every tensor goes by running the model once on example inputs.
+
+``torch.fx.symbolic_trace`` fails on models with Python control flow (most ``transformers``
+models), and ``named_modules()`` order says nothing about dataflow. Instead we run the model
+eagerly under a :class:`~torch.overrides.TorchFunctionMode` plus forward hooks:
+
+* every call of an *atomic* module (a leaf, or a conv/linear/norm) becomes one :class:`Node`;
+  what happens inside it is hidden;
+* every torch function called outside an atomic module (``x + y``, ``x.transpose(1, 2)``,
+  ``F.relu``) becomes one :class:`Node` too;
+* tensors are matched by identity: the node that last returned a tensor object produces it,
+  and every node that receives it consumes it. An in-place op therefore produces a new value.
+
+Functions that only read metadata (``x.shape``, ``x.dim()``) are not consumers. Parameters and
+buffers used by a function node are recorded, so a pass can tell when a module's weights are
+also used outside that module (tied weights, functional reuse).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import PreconditionError
+
+_METADATA_READS = frozenset(
+    {
+        "shape", "dtype", "device", "size", "dim", "ndim", "ndimension", "is_contiguous", "stride",
+        "numel", "nelement", "__len__", "is_floating_point", "is_complex", "layout", "requires_grad",
+        "is_cuda", "is_meta", "is_sparse", "is_quantized", "names", "element_size", "storage_offset",
+        "get_device", "data_ptr", "grad_fn", "is_leaf", "__repr__", "__format__", "__str__", "is_nested",
+        "untyped_storage", "_version",
+    }
+)
+
+_ATOMIC_TYPES: tuple[type, ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+)
+
+
+@dataclass(eq=False)
+class Node:
+    """One call in the traced run: an atomic module call, a torch function, an input or the output."""
+
+    index: int
+    kind: str  # "module" | "function" | "input" | "output"
+    name: str  # module path, function name, "input" or "output"
+    module: nn.Module | None = None
+    call: int = 0  # n-th call of this module
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    inputs: list["Value"] = field(default_factory=list)
+    outputs: list["Value"] = field(default_factory=list)
+    used_parameters: list[torch.Tensor] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Node({self.index}, {self.kind}, {self.name!r}, call={self.call})"
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor value: who produced it, who consumed it, and its shape."""
+
+    producer: Node
+    shape: tuple[int, ...]
+    users: list[Node] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"Value(from={self.producer.name!r}, shape={self.shape}, users={[u.name for u in self.users]})"
+
+
+@dataclass
+class Trace:
+    """The dataflow of one run, plus the run's outputs (the reference for numerical checks)."""
+
+    nodes: list[Node]
+    calls: dict[nn.Module, list[Node]]
+    module_paths: dict[nn.Module, str]
+    outputs: Any
+    external_parameter_uses: dict[int, list[Node]]  # id(parameter) -> function nodes using it
+
+    def calls_of(self, module: nn.Module) -> list[Node]:
+        return self.calls.get(module, [])
+
+    def data_input(self, node: Node) -> "Value | None":
+        """The value a module call's first positional tensor argument came from."""
+        return node.inputs[0] if node.inputs else None
+
+    def uses_outside(self, tensor: torch.Tensor) -> list[Node]:
+        """Function nodes that used this parameter/buffer directly (not through its module)."""
+        return self.external_parameter_uses.get(id(tensor), [])
+
+
+def is_atomic(module: nn.Module) -> bool:
+    """A module whose inside the trace does not look into: a leaf, or a conv/linear/norm layer."""
+    return isinstance(module, _ATOMIC_TYPES) or next(module.children(), None) is None
+
+
+def _function_name(func: Callable) -> str:
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":  # a Tensor property such as .shape or .T
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+        self.owned = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+        self.nodes: list[Node] = []
+        self.values: dict[int, Value] = {}
+        self.keepalive: list[torch.Tensor] = []  # ids stay unique while the trace lives
+        self.calls: dict[nn.Module, list[Node]] = {}
+        self.atomic_depth = 0
+        self.open_call: Node | None = None  # the atomic module call we are inside of
+        self.external: dict[int, list[Node]] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def new_node(self, kind: str, name: str, **kw: Any) -> Node:
+        node = Node(len(self.nodes), kind, name, **kw)
+        self.nodes.append(node)
+        return node
+
+    def consume(self, node: Node, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            value = self.values.get(id(t))
+            if value is not None:
+                value.users.append(node)
+                node.inputs.append(value)
+            elif id(t) in self.owned:
+                node.used_parameters.append(t)
+
+    def produce(self, node: Node, tensors: list[torch.Tensor]) -> None:
+        for t in tensors:
+            value = Value(node, tuple(t.shape))
+            self.values[id(t)] = value
+            node.outputs.append(value)
+            self.keepalive.append(t)
+
+    # -- torch function mode -------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.atomic_depth:
+            return result
+        name = _function_name(func)
+        outputs = _tensors(result)
+        if not outputs and name in _METADATA_READS:
+            return result
+        node = self.new_node("function", name, args=args, kwargs=kwargs)
+        self.consume(node, _tensors((args, kwargs)))
+        for t in node.used_parameters:
+            self.external.setdefault(id(t), []).append(node)
+        self.produce(node, outputs)
+        return result
+
+    # -- module hooks --------------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.atomic_depth == 0:
+            calls = self.calls.setdefault(module, [])
+            node = self.new_node(
+                "module", self.paths.get(module, "?"), module=module, call=len(calls), args=args, kwargs=kwargs
+            )
+            calls.append(node)
+            self.consume(node, _tensors((args, kwargs)))
+            self.open_call = node
+        self.atomic_depth += 1
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.atomic_depth -= 1
+        if self.atomic_depth == 0:
+            self.produce(self.open_call, _tensors(output))
+            self.open_call = None
+
+
+def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | None = None) -> Trace:
+    """Run ``model`` once on ``example_inputs`` (no grad) and record its dataflow.
+
+    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
+    """
+    recorder = _Recorder(model)
+    handles = []
+    for module in recorder.paths:
+        if is_atomic(module):
+            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True, prepend=True))
+            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
+    input_node = recorder.new_node("input", "input")
+    recorder.produce(input_node, _tensors(example_inputs))
+    try:
+        with torch.no_grad(), recorder:
+            outputs = call_model(model, example_inputs)
+    except Exception as exc:  # the user's model failed on the user's inputs
+        raise PreconditionError(
+            f"the model failed on the example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+            "check --input-shape/--inputs"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    output_node = recorder.new_node("output", "output")
+    recorder.consume(output_node, _tensors(outputs))
+    return Trace(recorder.nodes, recorder.calls, recorder.paths, outputs, recorder.external)
+
+
+def call_model(model: nn.Module, example_inputs: tuple | dict) -> Any:
+    """Call a model with positional (tuple) or keyword (dict) example inputs."""
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(*example_inputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
