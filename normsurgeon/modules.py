@@ -22,3 +22,97 @@ class ChannelAffine(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, channel_dim={self.channel_dim}"
+
+
+class MeanOnlyBatchNorm(nn.Module):
+    """Mean-only BatchNorm (Salimans & Kingma 2016): y = x - mean_c + bias_c, no division.
+
+    In training it subtracts the per-channel batch mean (over every dim but ``channel_dim``)
+    and updates ``running_mean`` like BatchNorm (``momentum=None``: cumulative average); in
+    eval it subtracts ``running_mean``. Paired with weight norm, whose ``g`` carries the scale.
+    Exports to ONNX as a plain Sub and Add.
+    """
+
+    def __init__(self, num_features: int, momentum: float | None = 0.1, channel_dim: int = 1) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.momentum = momentum
+        self.channel_dim = channel_dim
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        if self.training:
+            dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
+            mean = x.mean(dim=dims)
+            self._track(mean)
+        else:
+            mean = self.running_mean
+        return x - mean.view(shape) + self.bias.view(shape)
+
+    def _track(self, batch_mean: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(batch_mean.detach().to(self.running_mean.dtype), factor)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, momentum={self.momentum}, channel_dim={self.channel_dim}"
+
+
+class FrozenBatchNorm(nn.Module):
+    """Test-time BatchNorm whose statistics and affine are buffers: nothing in it trains.
+
+    Normalizes over channel dim 1 of an input of any rank >= 2 with ``F.batch_norm(training=False)``,
+    so it computes exactly what an eval-mode ``nn.BatchNorm*d`` computes, in train mode too, and
+    exports as an ONNX BatchNormalization (which exporters fold). Its tensors have the names of a
+    BatchNorm's, so a BatchNorm state_dict loads into it (``num_batches_tracked`` is dropped).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        training=False, momentum=0.0, eps=self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """LayerNorm over channel dim 1 of (N, C, ...) inputs: moves C last, runs torch's layer_norm,
+    moves it back (as ConvNeXt's channels_first LayerNorm; exports as Transpose+LayerNormalization).
+
+    It is an ``nn.LayerNorm`` (``weight``/``bias`` of size C), so state_dicts stay compatible.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True, bias: bool = True,
+                 *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)

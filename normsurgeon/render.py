@@ -18,7 +18,7 @@ def render_json(payload: dict[str, Any]) -> str:
 def print_report(report: Report, console: Console, *, title: str, facts: dict[str, str] | None = None) -> None:
     """A short human report: facts, what changed, what was skipped and why, the check."""
     console.print(f"[bold]{title}[/bold]")
-    for key, value in (facts or {}).items():
+    for key, value in {**(facts or {}), **report.facts}.items():
         console.print(f"  {key}: {value}")
     for note in report.notes:
         console.print(f"  note: {note}")
@@ -38,8 +38,8 @@ def print_report(report: Report, console: Console, *, title: str, facts: dict[st
         for skip in report.skipped:
             table.add_row(skip.module, skip.message)
         console.print(table)
-    if report.check is not None:
-        print_check(report.check, console)
+    for check in report.checks:
+        print_check(check, console)
 
 
 def print_check(check: Check, console: Console) -> None:

@@ -26,6 +26,14 @@ class SkipReason(enum.Enum):
     PARAMETRIZED_WEIGHT = "the neighbour's weight is parametrized in a way the fold cannot keep"
     FUNCTIONAL_USE = "its parameters or buffers are also used outside its own forward()"
     UNSUPPORTED_DTYPE = "non-floating-point parameters"
+    NOT_A_NORM = "looks like a norm but does not compute a known norm formula"
+    NO_AFFINE = "it has no affine parameters to fold"
+    NO_CONVERSION = "normsurgeon has no conversion between these kinds"
+    NOT_EXACT = "the conversion is not exact here: pass --approximate to convert anyway"
+    UNSUPPORTED_STRUCTURE = "the model's structure does not allow this conversion"
+    ALREADY_WEIGHT_NORMED = "its weight is already weight-normalized"
+    LAZY_UNINITIALIZED = "a lazy module whose weight is not initialized yet"
+    NOT_AFTER_WEIGHT_NORM = "its input does not come straight from a weight-normed layer"
 
 
 @dataclass(frozen=True)
@@ -129,14 +137,24 @@ class Report:
     pass_name: str
     changes: list[Change] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    check: Check | None = None
+    checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # e.g. export time, file size, op counts
     model: Any = field(default=None, repr=False)  # the transformed nn.Module, for the caller
 
     @property
+    def check(self) -> Check | None:
+        """The first (for most passes, the only) numerical check."""
+        return self.checks[0] if self.checks else None
+
+    @check.setter
+    def check(self, value: Check) -> None:
+        self.checks = [value]
+
+    @property
     def passed(self) -> bool:
-        """True when the pass's numerical check ran and passed (or there was nothing to check)."""
-        return self.check is None or self.check.passed
+        """True when every numerical check passed (or there was nothing to check)."""
+        return all(c.passed for c in self.checks)
 
     def changed(self, action: str) -> list[Change]:
         return [c for c in self.changes if c.action == action]
@@ -151,5 +169,7 @@ class Report:
             ],
             "skipped": [s.to_dict() for s in self.skipped],
             "check": self.check.to_dict() if self.check else None,
+            "checks": [c.to_dict() for c in self.checks],
+            "facts": dict(self.facts),
             "notes": list(self.notes),
         }

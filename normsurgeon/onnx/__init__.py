@@ -1,0 +1,1 @@
+"""ONNX work: export with verification, and folding / fusion passes on .onnx files."""

@@ -1,0 +1,117 @@
+"""Running .onnx files in onnxruntime: execution providers, inputs, sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import LoadError, UsageError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def resolve_providers(choice: str) -> tuple[list[str], list[str]]:
+    """Short provider names to run (``cpu``, ``cuda``, ``all``) and notes on what was skipped.
+
+    Asking for ``cuda`` where onnxruntime has no CUDAExecutionProvider is a UsageError;
+    ``all`` runs what is present and says what it skipped.
+    """
+    available = set(ort.get_available_providers())
+    if choice == "all":
+        chosen = [name for name, full in PROVIDERS.items() if full in available]
+        skipped = [
+            f"{name}: skipped, onnxruntime has no {full} here (install normsurgeon[gpu] on a CUDA machine)"
+            for name, full in PROVIDERS.items()
+            if full not in available
+        ]
+        return chosen, skipped
+    if choice not in PROVIDERS:
+        raise UsageError(f"unknown provider {choice!r}: use one of cpu, cuda, all")
+    if PROVIDERS[choice] not in available:
+        raise UsageError(
+            f"onnxruntime has no {PROVIDERS[choice]} here (it has {', '.join(sorted(available))}); "
+            "install normsurgeon[gpu] (onnxruntime-gpu) on a CUDA machine, or use --provider cpu"
+        )
+    return [choice], []
+
+
+def session(path: str | Path, provider: str = "cpu", *, optimize: bool = True) -> ort.InferenceSession:
+    """An onnxruntime session for one provider; an unreadable model is a LoadError."""
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"{path}: onnxruntime cannot load it ({first})") from exc
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    """Run a session; outputs as (name, array) in the graph's order."""
+    names = [o.name for o in sess.get_outputs()]
+    return list(zip(names, sess.run(names, feeds)))
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an .onnx file (and its external data), or a LoadError naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise LoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?") from exc
+    if not model.graph.node and not model.graph.output:
+        raise LoadError(f"{path}: not a readable ONNX model (empty graph); is the file truncated?")
+    return model
+
+
+_NUMPY_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.UINT8: np.uint8,
+}
+
+
+def random_feeds(
+    model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]] = (), *, seed: int = 0, int_high: int = 2
+) -> dict[str, np.ndarray]:
+    """Random inputs for a graph's declared inputs; ``shapes`` (in input order) fill symbolic dims.
+
+    A symbolic dimension with no shape given is a UsageError naming the input and ``--input-shape``.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if shapes and len(shapes) != len(inputs):
+        raise UsageError(f"the model has {len(inputs)} inputs but {len(shapes)} --input-shape were given")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for index, graph_input in enumerate(inputs):
+        tensor_type = graph_input.type.tensor_type
+        if shapes:
+            shape = tuple(shapes[index])
+        else:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            if any(d is None for d in dims):
+                symbolic = [d.dim_param or "?" for d in tensor_type.shape.dim if not d.HasField("dim_value")]
+                raise UsageError(
+                    f"input {graph_input.name!r} has symbolic dims ({', '.join(symbolic)}); "
+                    "pass --input-shape for each input, e.g. --input-shape 1,3,224,224"
+                )
+            shape = tuple(dims)
+        dtype = _NUMPY_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise UsageError(f"input {graph_input.name!r} has an element type normsurgeon cannot generate; use --inputs")
+        if np.issubdtype(dtype, np.floating):
+            feeds[graph_input.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[graph_input.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[graph_input.name] = rng.integers(0, int_high, shape).astype(dtype)
+    return feeds

@@ -1,0 +1,169 @@
+"""The command line end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "models" / "examples" / "resnet18.pt"
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fold_bundled_example_writes_a_checked_model(tmp_path):
+    out = tmp_path / "folded.pt"
+    before = sha256(EXAMPLE)
+    result = run("fold", EXAMPLE, "--input-shape", "2,3,32,32", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["folded"]) == 20 and report["skipped"] == []
+    assert {"norm", "into"} <= set(report["folded"][0])
+    assert report["check"]["passed"] and report["check"]["max_abs_diff"] < 1e-4
+    assert sha256(EXAMPLE) == before
+    folded = torch.load(out, weights_only=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = models.example_inputs("resnet18", 3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), models.build("resnet18")(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_human_report_names_pairs_and_the_check(tmp_path):
+    result = run("fold", EXAMPLE, "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt")
+    assert result.returncode == 0, result.stderr
+    assert "layers.0.bn1" in result.stdout and "into its producer" in result.stdout
+    assert "check: folded vs original" in result.stdout and "pass" in result.stdout
+
+
+def test_fold_default_output_beside_input_and_no_overwrite_without_force(tmp_path):
+    source = tmp_path / "net.pt"
+    source.write_bytes(EXAMPLE.read_bytes())
+    assert run("fold", source, "--input-shape", "1,3,32,32").returncode == 0
+    target = tmp_path / "net.folded.pt"
+    assert target.exists()
+    first = sha256(target)
+    again = run("fold", source, "--input-shape", "1,3,32,32")
+    assert again.returncode == 8 and "exists; pass --force" in again.stderr
+    assert sha256(target) == first
+    assert run("fold", source, "--input-shape", "1,3,32,32", "--force").returncode == 0
+
+
+def test_fold_refuses_to_overwrite_its_input(tmp_path):
+    source = tmp_path / "net.pt"
+    source.write_bytes(EXAMPLE.read_bytes())
+    before = sha256(source)
+    result = run("fold", source, "--input-shape", "1,3,32,32", "-o", source, "--force")
+    assert result.returncode == 8 and "input" in result.stderr
+    assert sha256(source) == before
+
+
+def test_fold_infers_image_input_and_says_so(tmp_path):
+    result = run("fold", EXAMPLE, "-o", tmp_path / "f.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    notes = " ".join(json.loads(result.stdout)["notes"])
+    assert "assumed one random input of shape 1,3,224,224" in notes
+
+
+def test_fold_without_inputs_where_ambiguous_asks_for_them(tmp_path):
+    path = tmp_path / "lm.pt"
+    torch.save(models.build("prenorm_transformer"), path)
+    result = run("fold", path, "-o", tmp_path / "out.pt")
+    assert result.returncode == 2
+    assert "cannot infer example inputs" in result.stderr and "--input-shape" in result.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_fold_token_model_with_integer_input_shape(tmp_path):
+    path = tmp_path / "lm.pt"
+    torch.save(models.build("prenorm_transformer"), path)
+    result = run("fold", path, "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["folded"] == []
+
+
+def test_fold_with_inputs_file(tmp_path):
+    inputs = tmp_path / "inputs.pt"
+    torch.save(models.example_inputs("resnet18", 2), inputs)
+    result = run("fold", EXAMPLE, "--inputs", inputs, "-o", tmp_path / "f.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "inputs from" in " ".join(json.loads(result.stdout)["notes"])
+
+
+def test_fold_model_saved_in_training_mode(tmp_path):
+    path = tmp_path / "train.pt"
+    torch.save(models.build("mlp").train(), path)
+    refused = run("fold", path, "-o", tmp_path / "out.pt")
+    assert refused.returncode == 5 and "--eval" in refused.stderr
+    accepted = run("fold", path, "--eval", "-o", tmp_path / "out.pt")
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_fold_state_dict_with_factory_outputs_a_module(tmp_path):
+    (tmp_path / "arch.py").write_text(
+        "import models\n\ndef make():\n    return models.build('mlp')\n"
+    )
+    state = tmp_path / "weights.pth"
+    torch.save(models.build("mlp").state_dict(), state)
+    result = run("fold", state, "--factory", "arch:make", "--import-path", tmp_path, "--json")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "weights.folded.pth"
+    assert isinstance(torch.load(out, weights_only=False), torch.nn.Module)
+    missing = run("fold", state, "-o", tmp_path / "x.pt")
+    assert missing.returncode == 2 and "--factory" in missing.stderr
+
+
+def test_fold_on_exported_program_explains_what_to_do(tmp_path):
+    path = tmp_path / "m.pt2"
+    model = models.build("mlp")
+    torch.export.save(torch.export.export(model, models.example_inputs("mlp", 2)), path)
+    result = run("fold", path)
+    assert result.returncode == 2 and "ExportedProgram" in result.stderr
+
+
+def test_missing_model_file_is_a_load_error(tmp_path):
+    result = run("fold", tmp_path / "nope.pt")
+    assert result.returncode == 3 and "nope.pt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+class Evil:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_side_effect(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil(marker)}, path)
+    result = run("fold", path)
+    assert result.returncode == 4
+    assert "system" in result.stderr and "--trust-pickle" in result.stderr
+    assert not marker.exists()
+
+
+def test_help_lists_commands_and_fold_options():
+    top = run("--help")
+    assert top.returncode == 0 and "fold" in top.stdout
+    fold_help = run("fold", "--help")
+    for option in ("--input-shape", "--inputs", "--factory", "--trust-pickle", "--force", "--json", "--eval"):
+        assert option in fold_help.stdout
