@@ -129,12 +129,20 @@ def test_fold_state_dict_with_factory_outputs_a_module(tmp_path):
     assert missing.returncode == 2 and "--factory" in missing.stderr
 
 
-def test_fold_on_exported_program_explains_what_to_do(tmp_path):
+def test_fold_exported_program_in_its_graph(tmp_path):
     path = tmp_path / "m.pt2"
-    model = models.build("mlp")
-    torch.export.save(torch.export.export(model, models.example_inputs("mlp", 2)), path)
-    result = run("fold", path)
-    assert result.returncode == 2 and "ExportedProgram" in result.stderr
+    model = models.build("convtranspose_decoder")
+    inputs = models.example_inputs("convtranspose_decoder", 2)
+    torch.export.save(torch.export.export(model, inputs), path)
+    result = run("fold", path, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["folded"]) == 3 and report["check"]["passed"]
+    folded = torch.export.load(tmp_path / "m.folded.pt2")
+    targets = [str(n.target) for n in folded.graph.nodes]
+    assert not any("batch_norm" in t for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module()(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_missing_model_file_is_a_load_error(tmp_path):

@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from ..cli import emit, handle_errors, input_options, model_options, output_options
-from ..errors import PreconditionError, UsageError
+from ..errors import PreconditionError, VerificationError
+from ..io.inputs import resolve_inputs
+from ..io.loading import LoadedModel, load_model
+from ..io.saving import default_output_path, save_module, write_atomically
+from ..passes.fold_batchnorm import fold_batchnorm
+from ..passes.fold_batchnorm_exported import fold_batchnorm_exported
+from ..report import Report
 
 
 @click.command()
@@ -36,23 +43,29 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     Example:
       normsurgeon fold models/examples/resnet18.pt --input-shape 1,3,32,32
     """
-    from ..io.inputs import resolve_inputs
-    from ..io.loading import load_model
-    from ..io.saving import default_output_path, save_module
-    from ..passes.fold_batchnorm import fold_batchnorm
-
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    out_path = output or default_output_path(model_path, "folded")
     if loaded.form == "exported_program":
-        raise UsageError(
-            f"{model_path}: fold edits nn.Module layers, and a .pt2 ExportedProgram has none; "
-            "fold the module before torch.export, or export it to ONNX and run `normsurgeon optimize`"
-        )
+        report = _fold_exported(loaded, input_shapes, inputs_file, trust_pickle, atol, rtol)
+        write_atomically(out_path, lambda tmp: torch.export.save(report.model, tmp), force=force, protect=[model_path])
+    else:
+        report = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
+                              allow_default_stats, atol, rtol)
+        save_module(report.model, out_path, force=force, protect=[model_path])
+    facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
+             "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
+    emit(report, as_json=as_json, title="normsurgeon fold", facts=facts, extra={"output": str(out_path)})
+
+
+def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None, trust_pickle: bool,
+                 set_eval: bool, to_affine: bool, allow_default_stats: bool, atol: float | None,
+                 rtol: float | None) -> Report:
     model = loaded.model
     notes = list(loaded.notes)
     if model.training:
         if not set_eval:
             raise PreconditionError(
-                f"{model_path} was saved in training mode, where BatchNorm uses batch statistics; "
+                f"{loaded.source} was saved in training mode, where BatchNorm uses batch statistics; "
                 "pass --eval to fold its test-time (eval-mode) behaviour"
             )
         model.eval()
@@ -61,8 +74,22 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     report = fold_batchnorm(model, inputs.args, unfoldable="affine" if to_affine else "keep",
                             allow_default_stats=allow_default_stats, atol=atol, rtol=rtol)
     report.notes[:0] = notes + [inputs.description]
-    out_path = output or default_output_path(model_path, "folded")
-    save_module(report.model, out_path, force=force, protect=[model_path])
-    facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
-             "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
-    emit(report, as_json=as_json, title="normsurgeon fold", facts=facts, extra={"output": str(out_path)})
+    return report
+
+
+def _fold_exported(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None,
+                   trust_pickle: bool, atol: float | None, rtol: float | None) -> Report:
+    """A .pt2 has no modules: fold in its graph, checked on its stored (or the given) inputs."""
+    inputs = None
+    description = "the example inputs stored in the .pt2 file"
+    if input_shapes or inputs_file:
+        resolved = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file,
+                                  trust_pickle=trust_pickle)
+        inputs, description = resolved.args, resolved.description
+    report = fold_batchnorm_exported(loaded.exported_program, inputs, atol=atol, rtol=rtol)
+    report.notes[:0] = [*loaded.notes, description]
+    if not report.passed:
+        raise VerificationError(
+            f"the folded program differs from the original by {report.check.max_abs_diff:.3g}; nothing was written"
+        )
+    return report
