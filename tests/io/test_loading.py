@@ -578,3 +578,49 @@ def test_import_callable_missing_module_and_attr(helper: ModuleType, tmp_path: P
     with pytest.raises(LoadError) as exc:
         import_callable("mymodels:no_such_factory", import_paths=[tmp_path / "src"])
     assert "no_such_factory" in assert_one_line(exc)
+
+
+def _repoint_bias(clean: Path, evil: Path, member_suffix: str, payload: bytes) -> None:
+    """Declare the bias as a pickled payload at ``member_suffix`` and put ``payload`` there."""
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            entry = next(v for k, v in config["config"].items() if k.endswith("lin.bias"))
+            entry.update(path_name=member_suffix, use_pickle=True, tensor_meta=None)
+            return json.dumps(config).encode()
+        return payload if name.endswith("data/weights/" + member_suffix) else data
+
+    rewrite_pt2(clean, evil, edit)
+    if member_suffix.startswith("extra_files/"):
+        top = zipfile.ZipFile(clean).namelist()[0].split("/")[0]
+        with zipfile.ZipFile(evil, "a") as zout:
+            zout.writestr(f"{top}/data/weights/{member_suffix}", payload)
+
+
+@pytest.mark.parametrize("member", ["extra_files/evil", "weight_0"], ids=["hidden-in-extra-files", "aliasing-a-raw-weight"])
+def test_pt2_pickled_weight_cannot_hide_from_the_scan(clean_pt2: Path, tmp_path: Path, member: str) -> None:
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(payload_for("os.system", marker), buffer)
+    evil = tmp_path / "evil.pt2"
+    _repoint_bias(clean_pt2, evil, member, buffer.getvalue())
+
+    with pytest.raises(UnsafePickleError) as exc:
+        load_model(evil)
+
+    assert "os.system" in assert_one_line(exc)
+    assert not marker.exists()
+
+
+def test_pt2_with_compiled_aotinductor_code_is_refused(clean_pt2: Path, tmp_path: Path) -> None:
+    evil = tmp_path / "aoti.pt2"
+    rewrite_pt2(clean_pt2, evil, lambda n, d: d)
+    top = zipfile.ZipFile(clean_pt2).namelist()[0].split("/")[0]
+    with zipfile.ZipFile(evil, "a") as zout:
+        zout.writestr(f"{top}/data/aotinductor/model/model.so", b"\x7fELF")
+
+    with pytest.raises(UnsafePickleError) as exc:
+        load_model(evil)
+
+    assert "AOTInductor" in assert_one_line(exc)
