@@ -19,13 +19,14 @@ also used outside that module (tied weights, functional reuse).
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import PreconditionError
 
@@ -114,6 +115,11 @@ def _function_name(func: Callable) -> str:
     return name
 
 
+def _without_tensors(obj: Any) -> Any:
+    """Arguments with tensors replaced by None: nodes keep the dims and flags, not activations."""
+    return tree_map(lambda x: None if isinstance(x, torch.Tensor) else x, obj)
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     return [x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor)]
 
@@ -125,8 +131,7 @@ class _Recorder(TorchFunctionMode):
         self.paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
         self.owned = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
         self.nodes: list[Node] = []
-        self.values: dict[int, Value] = {}
-        self.keepalive: list[torch.Tensor] = []  # ids stay unique while the trace lives
+        self.values: dict[int, Value] = {}  # id(tensor) -> Value, only while the tensor lives
         self.calls: dict[nn.Module, list[Node]] = {}
         self.atomic_depth = 0
         self.open_call: Node | None = None  # the atomic module call we are inside of
@@ -150,9 +155,12 @@ class _Recorder(TorchFunctionMode):
     def produce(self, node: Node, tensors: list[torch.Tensor]) -> None:
         for t in tensors:
             value = Value(node, tuple(t.shape))
+            if id(t) not in self.values:
+                # Forget the id when the tensor dies: ids are reused, and keeping every
+                # activation alive would make tracing cost the memory of a training step.
+                weakref.finalize(t, self.values.pop, id(t), None)
             self.values[id(t)] = value
             node.outputs.append(value)
-            self.keepalive.append(t)
 
     # -- torch function mode -------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -164,7 +172,7 @@ class _Recorder(TorchFunctionMode):
         outputs = _tensors(result)
         if not outputs and name in _METADATA_READS:
             return result
-        node = self.new_node("function", name, args=args, kwargs=kwargs)
+        node = self.new_node("function", name, args=_without_tensors(args), kwargs=_without_tensors(kwargs))
         self.consume(node, _tensors((args, kwargs)))
         for t in node.used_parameters:
             self.external.setdefault(id(t), []).append(node)
@@ -175,9 +183,7 @@ class _Recorder(TorchFunctionMode):
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.atomic_depth == 0:
             calls = self.calls.setdefault(module, [])
-            node = self.new_node(
-                "module", self.paths.get(module, "?"), module=module, call=len(calls), args=args, kwargs=kwargs
-            )
+            node = self.new_node("module", self.paths.get(module, "?"), module=module, call=len(calls))
             calls.append(node)
             self.consume(node, _tensors((args, kwargs)))
             self.open_call = node
