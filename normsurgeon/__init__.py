@@ -11,7 +11,11 @@ from .errors import (
     UsageError,
     VerificationError,
 )
+from .modules import MeanOnlyBatchNorm
+from .param_groups import ParamGroups, param_groups
 from .passes.fold_batchnorm import fold_batchnorm
+from .passes.recalibrate import recalibrate
+from .passes.weight_norm import apply_weight_norm, remove_weight_norm
 from .report import Change, Check, Report, Skip, SkipReason
 from .trace import trace
 
@@ -22,8 +26,10 @@ __all__ = [
     "Check",
     "ExportError",
     "LoadError",
+    "MeanOnlyBatchNorm",
     "NormSurgeonError",
     "OutputError",
+    "ParamGroups",
     "PreconditionError",
     "Report",
     "Skip",
@@ -31,8 +37,12 @@ __all__ = [
     "UnsafePickleError",
     "UsageError",
     "VerificationError",
+    "apply_weight_norm",
     "compare_outputs",
     "fold",
     "fold_batchnorm",
+    "param_groups",
+    "recalibrate",
+    "remove_weight_norm",
     "trace",
 ]

@@ -27,17 +27,16 @@ class ChannelAffine(nn.Module):
 class MeanOnlyBatchNorm(nn.Module):
     """Mean-only BatchNorm (Salimans & Kingma 2016): y = x - mean_c + bias_c, no division.
 
-    In training it subtracts the per-channel batch mean (over every dim but ``channel_dim``)
+    Channels are dim 1, as in BatchNorm. In training it subtracts the per-channel batch mean
     and updates ``running_mean`` like BatchNorm (``momentum=None``: cumulative average); in
     eval it subtracts ``running_mean``. Paired with weight norm, whose ``g`` carries the scale.
     Exports to ONNX as a plain Sub and Add.
     """
 
-    def __init__(self, num_features: int, momentum: float | None = 0.1, channel_dim: int = 1) -> None:
+    def __init__(self, num_features: int, momentum: float | None = 0.1) -> None:
         super().__init__()
         self.num_features = num_features
         self.momentum = momentum
-        self.channel_dim = channel_dim
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -48,10 +47,9 @@ class MeanOnlyBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
+        shape[1] = -1
         if self.training:
-            dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
-            mean = x.mean(dim=dims)
+            mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
             self._track(mean)
         else:
             mean = self.running_mean
@@ -64,7 +62,7 @@ class MeanOnlyBatchNorm(nn.Module):
             self.running_mean.lerp_(batch_mean.detach().to(self.running_mean.dtype), factor)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, momentum={self.momentum}, channel_dim={self.channel_dim}"
+        return f"{self.num_features}, momentum={self.momentum}"
 
 
 class FrozenBatchNorm(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .maths import batchnorm_scale_shift
+from .modules import MeanOnlyBatchNorm
 from .report import SkipReason
 
 _TORCH_BATCHNORM_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
@@ -48,7 +49,7 @@ class NotBatchNorm(Exception):
 
 def is_batchnorm_like(module: nn.Module) -> bool:
     """True for torch BatchNorm layers and for modules shaped like a frozen BatchNorm."""
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, (_BatchNorm, MeanOnlyBatchNorm)):
         return True
     return _looks_like_frozen_batchnorm(module)
 
@@ -66,6 +67,8 @@ def batchnorm_stats(module: nn.Module, input_shape: tuple[int, ...] | None = Non
     """The test-time statistics of a BatchNorm-like module, or :class:`NotBatchNorm` with why not."""
     if isinstance(module, _BatchNorm):
         return _torch_batchnorm_stats(module)
+    if isinstance(module, MeanOnlyBatchNorm):
+        return _mean_only_stats(module)
     stats = BatchNormStats(
         mean=module.running_mean,
         var=module.running_var,
@@ -96,6 +99,18 @@ def _torch_batchnorm_stats(module: _BatchNorm) -> BatchNormStats:
         weight=module.weight if module.affine else None,
         bias=module.bias if module.affine else None,
     )
+    _check_finite(stats)
+    return stats
+
+
+def _mean_only_stats(module: MeanOnlyBatchNorm) -> BatchNormStats:
+    """Mean-only BN is BN with var = 1, eps = 0 and no gain: y = x - running_mean + bias."""
+    if type(module).forward is not MeanOnlyBatchNorm.forward:
+        raise NotBatchNorm(SkipReason.UNKNOWN_BEHAVIOUR, f"{type(module).__name__}.forward")
+    if module.training:
+        raise NotBatchNorm(SkipReason.TRAINING_MODE, "call .eval() on the model first")
+    stats = BatchNormStats(mean=module.running_mean, var=torch.ones_like(module.running_mean),
+                           eps=0.0, weight=None, bias=module.bias)
     _check_finite(stats)
     return stats
 

@@ -325,24 +325,29 @@ def _build_with_factory(factory: str, import_paths: Sequence[str | Path]) -> nn.
 
 
 def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, factory: str) -> None:
-    """load_state_dict(strict=True), with mismatches explained in one line."""
+    """load_state_dict(strict=True), with mismatches explained in one line.
+
+    torch's own load runs first: modules may convert old key layouts on load (weight norm's
+    weight_g/weight_v become parametrizations), which a comparison of key sets would refuse.
+    """
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        return
+    except RuntimeError as exc:
+        error = exc
     expected, given = set(model.state_dict()), set(state_dict)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         parts = [f"missing keys {listing(missing)}"] if missing else []
         parts += [f"unexpected keys {listing(unexpected)}"] if unexpected else []
-        raise LoadError(
-            f"{path}: state_dict does not fit the model from --factory {factory}: "
-            f"{'; '.join(parts)}; {_prefix_hint(expected, given)}"
-        )
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:] if line.strip()) or str(exc)
-        raise LoadError(
-            f"{path}: state_dict does not fit the model from --factory {factory}: {one_line(detail, 200)}; "
-            "pass the factory that built this checkpoint"
-        ) from exc
+        detail = "; ".join(parts)
+        hint = _prefix_hint(expected, given)
+    else:
+        detail = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip()) or str(error)
+        hint = "pass the factory that built this checkpoint"
+    raise LoadError(
+        f"{path}: state_dict does not fit the model from --factory {factory}: {one_line(detail, 200)}; {hint}"
+    ) from error
 
 
 def _prefix_hint(expected: set[str], given: set[str]) -> str:

@@ -1,0 +1,54 @@
+"""``normsurgeon recalibrate``: recompute BatchNorm running statistics from user data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import emit, handle_errors, model_options, output_options
+from ..errors import UsageError
+
+
+@click.command()
+@model_options
+@output_options
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), metavar="FILE|DIR",
+              help="Calibration batches: a .pt (tensor, tuple, list of batches, dict) or .npz file, or a folder of them.")
+@click.option("--batches", type=click.IntRange(min=1), help="Use at most N batches (default: all but one, held out for the check).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Re-batch the data into batches of B samples first.")
+@handle_errors
+def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+                output: Path | None, force: bool, as_json: bool, verbose: bool, data_path: Path,
+                batches: int | None, batch_size: int | None) -> None:
+    """Reset and re-estimate every BatchNorm's running mean/var from --data.
+
+    Uses an exact cumulative average over the batches (not the training momentum), with only
+    the BatchNorm layers in train mode. The check compares outputs before and after on a
+    held-out batch: informational (recalibration changes outputs on purpose), it fails only
+    when the new outputs are not finite. Writes MODEL.recalibrated.pt in MODEL's own form.
+
+    \b
+    Example:
+      normsurgeon recalibrate averaged.pt --data calib.pt --batch-size 64
+    """
+    from ..io.loading import load_model
+    from ..io.saving import default_output_path, save_module, save_state_dict
+    from ..passes.recalibrate import recalibrate as run_recalibration
+
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    if loaded.form == "exported_program":
+        raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
+    report = run_recalibration(loaded.model, data_path, batches=batches, batch_size=batch_size,
+                               progress=True, trust_pickle=trust_pickle)
+    report.notes[:0] = list(loaded.notes)
+    out_path = output or default_output_path(model_path, "recalibrated")
+    if loaded.form == "state_dict+factory":
+        save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path, data_path])
+        out_form = "state_dict"
+    else:
+        save_module(report.model, out_path, force=force, protect=[model_path, data_path])
+        out_form = "module"
+    facts = {"model": f"{model_path} ({loaded.form})", "data": str(data_path), "output": f"{out_path} ({out_form})"}
+    emit(report, as_json=as_json, title="normsurgeon recalibrate", facts=facts,
+         extra={"output": str(out_path), "output_form": out_form})

@@ -1,0 +1,139 @@
+"""``normsurgeon weightnorm apply|remove``: add weight norm to a model, or bake it into plain weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..errors import LoadError, UsageError
+
+_LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
+                     "convtranspose1d, convtranspose2d, convtranspose3d, linear.")
+
+
+@click.group()
+def weightnorm() -> None:
+    """Apply weight normalization (w = g·v/‖v‖) to a model, or remove it again.
+
+    \b
+    Examples:
+      normsurgeon weightnorm remove generator.pt                  # a bare state_dict: plain keys out
+      normsurgeon weightnorm remove ckpt.pt --factory mymodels:build_generator
+      normsurgeon weightnorm apply model.pt --init-data batch.pt --input-shape 8,3,32,32
+    """
+
+
+@weightnorm.command("apply")
+@model_options
+@input_options
+@output_options
+@click.option("--init-data", type=click.Path(path_type=Path), metavar="FILE|DIR",
+              help="Data for the data-dependent init (Salimans & Kingma 2016): a .pt/.npz tensor file or a folder of them.")
+@click.option("--mean-only-bn", is_flag=True,
+              help="Replace BatchNorms right after weight-normed layers by mean-only BatchNorm (needs example inputs; warns with the measured change).")
+@click.option("--layer-type", "layer_types", multiple=True, metavar="TYPE", help=_LAYER_TYPES_HELP)
+@handle_errors
+def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+          input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
+          as_json: bool, verbose: bool, init_data: Path | None, mean_only_bn: bool,
+          layer_types: tuple[str, ...]) -> None:
+    """Weight-norm the conv / conv-transpose / linear layers of MODEL; writes a state_dict.
+
+    torch cannot pickle a weight-normed module, so the output (MODEL.weightnorm.pt) is a
+    state_dict; the report says how to load it. Without --init-data the model computes exactly
+    what it did, checked on the example inputs (or layer by layer without them).
+    """
+    from ..io.saving import default_output_path, save_state_dict
+    from ..passes.weight_norm import SUPPORTED_LAYER_TYPES, apply_weight_norm, resolve_layer_types
+
+    types = resolve_layer_types(layer_types or SUPPORTED_LAYER_TYPES)
+    model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
+    report = apply_weight_norm(model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
+                               example_inputs=inputs.args if inputs else None, trust_pickle=trust_pickle)
+    report.notes[:0] = notes + ([inputs.description] if inputs else [])
+    out_path = output or default_output_path(model_path, "weightnorm")
+    save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path])
+    facts = {"model": f"{model_path} ({form})", "output": f"{out_path} (state_dict)"}
+    emit(report, as_json=as_json, title="normsurgeon weightnorm apply", facts=facts,
+         extra={"output": str(out_path), "output_form": "state_dict"})
+
+
+@weightnorm.command("remove")
+@model_options
+@input_options
+@output_options
+@handle_errors
+def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+           input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
+           as_json: bool, verbose: bool) -> None:
+    """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
+
+    A bare state_dict (no --factory) is rewritten into plain ``…weight`` keys that load into
+    the architecture built without weight norm. With --factory, or for a pickled module, the
+    output is a plain, picklable module. Writes MODEL.plain.pt.
+    """
+    from ..io.saving import default_output_path, save_module, save_state_dict
+    from ..passes.weight_norm import remove_weight_norm
+
+    out_path = output or default_output_path(model_path, "plain")
+    state_dict = None if factory else _bare_state_dict(model_path)
+    if state_dict is not None:
+        if input_shapes or inputs_file:
+            raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
+        report = remove_weight_norm(state_dict)
+        _require_changes(report, model_path)
+        save_state_dict(report.model, out_path, force=force, protect=[model_path])
+        form, out_form = "state_dict", "state_dict"
+    else:
+        model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
+        report = remove_weight_norm(model, example_inputs=inputs.args if inputs else None)
+        report.notes[:0] = notes + ([inputs.description] if inputs else [])
+        _require_changes(report, model_path)
+        save_module(report.model, out_path, force=force, protect=[model_path])
+        out_form = "module"
+    facts = {"model": f"{model_path} ({form})", "output": f"{out_path} ({out_form})"}
+    emit(report, as_json=as_json, title="normsurgeon weightnorm remove", facts=facts,
+         extra={"output": str(out_path), "output_form": out_form})
+
+
+def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
+    """The file's state_dict when it holds only tensors (read weights-only), else None."""
+    from ..io.loading import load_tensors
+
+    try:
+        obj = load_tensors(path)
+    except LoadError:  # a pickled module, or something load_model explains better
+        return None
+    for candidate in (obj, *(obj.get(k) for k in ("state_dict", "model", "model_state_dict") if isinstance(obj, Mapping))):
+        if isinstance(candidate, Mapping) and candidate and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):
+            return candidate
+    return None
+
+
+def _load_with_inputs(path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+                      input_shapes: tuple[str, ...], inputs_file: Path | None) -> tuple[Any, str, list[str], Any]:
+    from ..io.inputs import resolve_inputs
+    from ..io.loading import load_model
+
+    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    _refuse_exported(loaded.form, path)
+    inputs = None
+    if input_shapes or inputs_file:
+        inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
+    return loaded.model, loaded.form, list(loaded.notes), inputs
+
+
+def _refuse_exported(form: str, path: Path) -> None:
+    if form == "exported_program":
+        raise UsageError(f"{path}: a .pt2 ExportedProgram has no layers to edit; pass the nn.Module or its state_dict")
+
+
+def _require_changes(report: Any, path: Path) -> None:
+    if not report.changes:
+        raise UsageError(f"{path}: has no weight-normed layer (no parametrizations.*.original0/1 or *_g/*_v); nothing to remove")

@@ -1,0 +1,74 @@
+"""``normsurgeon recalibrate`` end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models.mlp import mlp_inputs
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def corrupted_mlp(tmp_path: Path) -> Path:
+    model = models.build("mlp")
+    with torch.no_grad():
+        model.bn1.running_mean.add_(3.0)
+        model.bn1.running_var.mul_(10.0)
+    path = tmp_path / "mlp.pt"
+    torch.save(model, path)
+    return path
+
+
+def test_recalibrate_with_a_pt_data_file_writes_the_recalibrated_model(tmp_path, corrupted_mlp):
+    generator = torch.Generator().manual_seed(0)
+    data = tmp_path / "calib.pt"
+    torch.save([mlp_inputs(64, generator)[0] for _ in range(5)], data)
+    result = run("recalibrate", corrupted_mlp, "--data", data, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and [c["module"] for c in report["changes"]] == ["bn1", "bn2"]
+    assert "informational" in report["check"]["label"]
+    model = torch.load(tmp_path / "mlp.recalibrated.pt", weights_only=False)
+    assert abs(model.bn1.running_mean.mean().item() - models.build("mlp").bn1.running_mean.mean().item()) < 0.5
+    assert not model.training and model.bn1.momentum == 0.1
+
+
+def test_data_shape_mismatch_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp):
+    data = tmp_path / "wrong.pt"
+    torch.save(torch.randn(8, 5), data)
+    before = sha256(corrupted_mlp)
+    result = run("recalibrate", corrupted_mlp, "--data", data)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "batch of shape (8, 5)" in result.stderr and "Linear expects (..., 32)" in result.stderr
+    assert not (tmp_path / "mlp.recalibrated.pt").exists() and sha256(corrupted_mlp) == before
+
+
+def test_empty_data_folder_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp):
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    result = run("recalibrate", corrupted_mlp, "--data", folder)
+    assert result.returncode == 3
+    assert result.stderr.strip().count("\n") == 0 and "holds no data files" in result.stderr
+    assert not (tmp_path / "mlp.recalibrated.pt").exists()

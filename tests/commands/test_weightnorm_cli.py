@@ -1,0 +1,106 @@
+"""``normsurgeon weightnorm apply|remove`` end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models.hifigan import Generator
+from normsurgeon.passes.weight_norm import apply_weight_norm
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+MEL = models.example_inputs("hifigan", 2)
+
+
+def run(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _out(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def test_remove_on_a_bare_state_dict_writes_plain_keys(tmp_path):
+    source = models.build("hifigan")
+    checkpoint = tmp_path / "generator.pt"
+    torch.save(source.state_dict(), checkpoint)
+    before = sha256(checkpoint)
+    result = run("weightnorm", "remove", checkpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["output_form"] == "state_dict" and len(report["changes"]) == 20
+    plain = Generator().eval()
+    plain.load_state_dict(torch.load(tmp_path / "generator.plain.pt"), strict=True)
+    torch.testing.assert_close(_out(plain, *MEL), _out(source, *MEL), rtol=1e-5, atol=1e-6)
+    assert sha256(checkpoint) == before
+
+
+def test_remove_on_a_state_dict_with_factory_writes_a_plain_picklable_module(tmp_path):
+    (tmp_path / "vocoder.py").write_text(
+        "from models.hifigan import build_hifigan\n\n\ndef build():\n    return build_hifigan(seed=3)\n"
+    )
+    source = models.build("hifigan")
+    torch.save(source.state_dict(), tmp_path / "ckpt.pt")
+    out = tmp_path / "plain.pt"
+    result = run("weightnorm", "remove", "ckpt.pt", "--factory", "vocoder:build", "--input-shape", "1,8,16",
+                 "-o", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "check: without weight norm vs with" in result.stdout and "pass" in result.stdout
+    model = torch.load(out, weights_only=False)
+    assert type(model) is Generator and not any(hasattr(m, "parametrizations") for m in model.modules())
+    torch.testing.assert_close(_out(model, *MEL), _out(source, *MEL), rtol=1e-5, atol=1e-6)
+
+
+def test_remove_on_a_pickled_hook_api_model(tmp_path):
+    source = models.build("hifigan_legacy")
+    path = tmp_path / "legacy.pt"
+    torch.save(source, path)
+    result = run("weightnorm", "remove", path, "--input-shape", "1,8,16", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["check"]["passed"]
+    model = torch.load(tmp_path / "legacy.plain.pt", weights_only=False)
+    assert not any(hasattr(m, "weight_g") for m in model.modules())
+    torch.testing.assert_close(_out(model, *MEL), _out(source, *MEL), rtol=1e-5, atol=1e-6)
+
+
+def test_apply_writes_a_state_dict_that_loads_as_the_report_says(tmp_path):
+    source = models.build("mlp")
+    path = tmp_path / "mlp.pt"
+    torch.save(source, path)
+    result = run("weightnorm", "apply", path, "--input-shape", "4,32")
+    assert result.returncode == 0, result.stderr
+    assert "load_state_dict" in result.stdout and "state_dict" in result.stdout
+    state_dict = torch.load(tmp_path / "mlp.weightnorm.pt")
+    assert "fc1.parametrizations.weight.original0" in state_dict
+    model = models.build("mlp")
+    apply_weight_norm(model)  # build the architecture, apply weight norm, load the state_dict
+    model.load_state_dict(state_dict, strict=True)
+    x = models.example_inputs("mlp", 4)
+    torch.testing.assert_close(_out(model, *x), _out(source, *x), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_layer_type_is_a_one_line_error_and_nothing_is_written(tmp_path):
+    path = tmp_path / "mlp.pt"
+    torch.save(models.build("mlp"), path)
+    before = sha256(path)
+    result = run("weightnorm", "apply", path, "--layer-type", "Embedding")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: weight norm is not supported on Embedding")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"] and sha256(path) == before
