@@ -11,11 +11,16 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .modules import MeanOnlyBatchNorm
+from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm, MeanOnlyBatchNorm
 from .param_groups import ParamGroups, param_groups
+from .passes.convert import convert_norms
 from .passes.fold_batchnorm import fold_batchnorm
+from .passes.fold_norm_affine import fold_norm_affines
+from .passes.inspect import InspectReport, inspect_norms
 from .passes.recalibrate import recalibrate
 from .passes.weight_norm import apply_weight_norm, remove_weight_norm
+from .placement import Placement
+from .recognize import NormKind, recognize_norms
 from .report import Change, Check, Report, Skip, SkipReason
 from .trace import trace
 
@@ -23,13 +28,18 @@ fold = fold_batchnorm
 
 __all__ = [
     "Change",
+    "ChannelsFirstLayerNorm",
     "Check",
     "ExportError",
+    "FrozenBatchNorm",
+    "InspectReport",
     "LoadError",
     "MeanOnlyBatchNorm",
+    "NormKind",
     "NormSurgeonError",
     "OutputError",
     "ParamGroups",
+    "Placement",
     "PreconditionError",
     "Report",
     "Skip",
@@ -39,10 +49,32 @@ __all__ = [
     "VerificationError",
     "apply_weight_norm",
     "compare_outputs",
+    "convert_norms",
+    "export_onnx",
     "fold",
     "fold_batchnorm",
+    "fold_norm_affines",
+    "inspect_norms",
+    "optimize_onnx",
     "param_groups",
     "recalibrate",
+    "recognize_norms",
     "remove_weight_norm",
     "trace",
+    "verify_onnx",
 ]
+
+_LAZY = {
+    "export_onnx": "normsurgeon.onnx.export",
+    "optimize_onnx": "normsurgeon.onnx.optimize",
+    "verify_onnx": "normsurgeon.onnx.verify",
+}
+
+
+def __getattr__(name: str):
+    """ONNX entry points load onnx/onnxscript/onnxruntime only when first used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'normsurgeon' has no attribute {name!r}")

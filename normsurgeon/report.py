@@ -29,11 +29,11 @@ class SkipReason(enum.Enum):
     NOT_A_NORM = "looks like a norm but does not compute a known norm formula"
     NO_AFFINE = "it has no affine parameters to fold"
     NO_CONVERSION = "normsurgeon has no conversion between these kinds"
-    NOT_EXACT = "the conversion is not exact here: pass --approximate to convert anyway"
     UNSUPPORTED_STRUCTURE = "the model's structure does not allow this conversion"
     ALREADY_WEIGHT_NORMED = "its weight is already weight-normalized"
     LAZY_UNINITIALIZED = "a lazy module whose weight is not initialized yet"
     NOT_AFTER_WEIGHT_NORM = "its input does not come straight from a weight-normed layer"
+    OPSET_TOO_OLD = "the model's opset has no native op for it"
 
 
 @dataclass(frozen=True)

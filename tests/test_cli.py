@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import models
+from tests.helpers import REPO, sha256
+from tests.helpers import run_cli as run
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "models" / "examples" / "resnet18.pt"
-
-
-def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_fold_bundled_example_writes_a_checked_model(tmp_path):
@@ -175,3 +162,18 @@ def test_help_lists_commands_and_fold_options():
     fold_help = run("fold", "--help")
     for option in ("--input-shape", "--inputs", "--factory", "--trust-pickle", "--force", "--json", "--eval"):
         assert option in fold_help.stdout
+
+
+def test_fold_affine_leaves_parameter_free_norms(tmp_path):
+    path = tmp_path / "llama.pt"
+    torch.save(models.build("llama"), path)
+    result = run("fold", path, "--affine", "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    affine = [c for c in report["changes"] if c["action"] == "folded-affine"]
+    assert {c["into"] for c in affine} >= {"layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"}
+    assert [c["label"] for c in report["checks"]] == ["folded vs original", "norm affines folded vs before"]
+    folded = torch.load(tmp_path / "out.pt", weights_only=False)
+    ids = torch.randint(0, 50, (3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(ids), models.build("llama")(ids), rtol=1e-4, atol=1e-5)

@@ -8,12 +8,13 @@ import click
 import torch
 
 from ..cli import emit, handle_errors, input_options, model_options, output_options
-from ..errors import PreconditionError, VerificationError
+from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.inputs import resolve_inputs
 from ..io.loading import LoadedModel, load_model
 from ..io.saving import default_output_path, save_module, write_atomically
 from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.fold_batchnorm_exported import fold_batchnorm_exported
+from ..passes.fold_norm_affine import fold_norm_affines
 from ..report import Report
 
 
@@ -25,6 +26,9 @@ from ..report import Report
               help="Put a model saved in training mode into eval mode first (folding computes its test-time behaviour).")
 @click.option("--to-affine", is_flag=True,
               help="Replace BatchNorms that cannot be folded by an equivalent per-channel affine.")
+@click.option("--affine", is_flag=True,
+              help="Also fold LayerNorm/RMSNorm scales (and LN shifts) into the linear layers that alone "
+                   "read them, leaving parameter-free norms.")
 @click.option("--allow-default-stats", is_flag=True,
               help="Fold BatchNorms whose running stats were never updated (mean 0, var 1).")
 @click.option("--atol", type=float, help="Absolute tolerance of the check (default by dtype; fp32: 1e-5).")
@@ -32,7 +36,7 @@ from ..report import Report
 @handle_errors
 def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
          input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
-         as_json: bool, verbose: bool, set_eval: bool, to_affine: bool, allow_default_stats: bool,
+         as_json: bool, verbose: bool, set_eval: bool, to_affine: bool, affine: bool, allow_default_stats: bool,
          atol: float | None, rtol: float | None) -> None:
     """Fold BatchNorm running statistics into the neighbouring conv/linear layers.
 
@@ -46,19 +50,23 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     out_path = output or default_output_path(model_path, "folded")
     if loaded.form == "exported_program":
+        if affine:
+            raise UsageError(f"{model_path}: --affine needs an nn.Module; a .pt2 ExportedProgram has no layers to edit")
         report = _fold_exported(loaded, input_shapes, inputs_file, trust_pickle, atol, rtol)
         write_atomically(out_path, lambda tmp: torch.export.save(report.model, tmp), force=force, protect=[model_path])
     else:
         report = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
-                              allow_default_stats, atol, rtol)
+                              affine, allow_default_stats, atol, rtol)
         save_module(report.model, out_path, force=force, protect=[model_path])
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
+    if affine:
+        facts["affines folded"] = str(len(report.changed("folded-affine")))
     emit(report, as_json=as_json, title="normsurgeon fold", facts=facts, extra={"output": str(out_path)})
 
 
 def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None, trust_pickle: bool,
-                 set_eval: bool, to_affine: bool, allow_default_stats: bool, atol: float | None,
+                 set_eval: bool, to_affine: bool, affine: bool, allow_default_stats: bool, atol: float | None,
                  rtol: float | None) -> Report:
     model = loaded.model
     notes = list(loaded.notes)
@@ -73,6 +81,11 @@ def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file
     inputs = resolve_inputs(model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = fold_batchnorm(model, inputs.args, unfoldable="affine" if to_affine else "keep",
                             allow_default_stats=allow_default_stats, atol=atol, rtol=rtol)
+    if affine:
+        affines = fold_norm_affines(report.model, inputs.args, atol=atol, rtol=rtol)
+        report.changes.extend(affines.changes)
+        report.skipped.extend(affines.skipped)
+        report.checks.extend(affines.checks)
     report.notes[:0] = notes + [inputs.description]
     return report
 

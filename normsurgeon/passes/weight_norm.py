@@ -336,6 +336,7 @@ def _bake_site(module: nn.Module, name: str, style: str) -> tuple[torch.Tensor, 
         with torch.no_grad():
             reference = getattr(module, name).detach().clone()
         weight = bake(g, v)
+        _own_parametrized_class(module)
         parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     else:
         hook = next(h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm) and h.name == name)
@@ -349,6 +350,18 @@ def _bake_site(module: nn.Module, name: str, style: str) -> tuple[torch.Tensor, 
     with torch.no_grad():
         getattr(module, name).copy_(weight)
     return reference, getattr(module, name).detach()
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its generated ``Parametrized*`` class.
+
+    torch's remove_parametrizations deletes the property from the module's class, and a deep
+    copy shares that class with the original: removing weight norm from a copy would break the
+    original (``'ParametrizedConv1d' object has no attribute 'weight'``).
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
 
 
 def _drop_compat_hooks(module: nn.Module) -> None:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,20 +10,11 @@ import torch
 import models
 from models.hifigan import Generator
 from normsurgeon.passes.weight_norm import apply_weight_norm
+from tests.helpers import run_cli as run
+from tests.helpers import sha256
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 MEL = models.example_inputs("hifigan", 2)
-
-
-def run(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _out(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from normsurgeon import PreconditionError, SkipReason, fold_batchnorm
-from tests.conftest import give_realistic_stats
+from tests.helpers import give_realistic_stats
 
 
 def _folded(model: nn.Module, *inputs: torch.Tensor, **options):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normsurgeon.passes.fold_batchnorm_exported import fold_batchnorm_exported
-from tests.conftest import give_realistic_stats
+from tests.helpers import give_realistic_stats
 
 
 def _model() -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 
 import models
 from normsurgeon import fold_batchnorm
-from tests.conftest import give_realistic_stats
+from tests.helpers import give_realistic_stats
 
 # BNs each reference model must keep, by design of the model (see models/preact_resnet.py).
 EXPECTED_KEPT = {"preact_resnet": {"layer1.bn1", "layer2.bn1", "zero_pad.bn", "bn"}}

@@ -12,7 +12,12 @@ from torch import nn
 import models
 from models.inputs import images
 from models.mlp import build_mlp, mlp_inputs
-from normsurgeon.errors import LoadError, PreconditionError, UsageError, VerificationError
+from normsurgeon.errors import (
+    LoadError,
+    PreconditionError,
+    UsageError,
+    VerificationError,
+)
 from normsurgeon.modules import MeanOnlyBatchNorm
 from normsurgeon.passes.recalibrate import recalibrate
 from normsurgeon.report import SkipReason

@@ -329,3 +329,14 @@ def test_weight_norm_mean_only_bn_remove_then_fold_gives_the_original_function()
     report = fold_batchnorm(copy.deepcopy(model), x)
     assert len(report.changed("folded")) == 20 and report.skipped == []
     torch.testing.assert_close(_out(report.model, *x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_removing_from_a_deep_copy_leaves_the_original_working():
+    """torch's remove_parametrizations edits the generated class, which a deep copy shares."""
+    original = models.build("hifigan")
+    inputs = models.example_inputs("hifigan", 2)
+    with torch.no_grad():
+        expected = original(*inputs)
+    remove_weight_norm(copy.deepcopy(original))
+    with torch.no_grad():
+        torch.testing.assert_close(original(*inputs), expected, rtol=0, atol=0)

@@ -1,9 +1,28 @@
-"""Shared test helpers: models with realistic BatchNorm statistics."""
+"""Helpers shared by the tests: running the CLI as a user does, hashing files, realistic BN stats."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: object, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m normsurgeon ARGS`` in a subprocess, with this checkout importable."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def give_realistic_stats(model: nn.Module, *inputs: torch.Tensor, steps: int = 3, seed: int = 0) -> nn.Module:

@@ -1,0 +1,91 @@
+"""``normsurgeon export`` and ``normsurgeon verify``: ship ONNX that is proven in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..io.inputs import resolve_inputs
+from ..io.loading import load_model
+
+_PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
+                         show_default=True,
+                         help="onnxruntime execution provider(s) to verify on; 'all' runs those present "
+                              "and says which were skipped (cuda needs normsurgeon[gpu] on a CUDA machine).")
+_ATOL = click.option("--atol", type=float, help="Absolute tolerance (default by dtype; fp32: 1e-5).")
+_RTOL = click.option("--rtol", type=float, help="Tolerance relative to max|output| (default by dtype; fp32: 1e-4).")
+
+
+@click.command()
+@model_options
+@input_options
+@output_options
+@click.option("--no-fold", is_flag=True, help="Export without folding BatchNorm first.")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset (default 23: the highest where onnxruntime runs the export and "
+                   "LayerNorm, GroupNorm and RMSNorm are native ops).")
+@click.option("--dynamic-batch", is_flag=True,
+              help="Make dim 0 of every input symbolic; the file is then verified at two batch sizes.")
+@_PROVIDER
+@_ATOL
+@_RTOL
+@handle_errors
+def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+           input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
+           as_json: bool, verbose: bool, no_fold: bool, opset: int | None, dynamic_batch: bool, providers: str,
+           atol: float | None, rtol: float | None) -> None:
+    """Fold, export to ONNX and verify the file in onnxruntime against the original model.
+
+    Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
+    dynamo exporter and the onnxscript optimizer, writes the file atomically, and compares every
+    output of onnxruntime with the original torch model. Exits 0 only when every output matches.
+
+    \b
+    Example:
+      normsurgeon export models/examples/resnet18.pt -o resnet18.onnx --input-shape 1,3,32,32
+    """
+    from ..onnx.export import export_onnx
+
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
+    out_path = output or model_path.with_suffix(".onnx")
+    report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
+                         dynamic_batch=dynamic_batch, providers=providers, atol=atol, rtol=rtol, force=force,
+                         protect=[model_path], verbose=verbose)
+    report.notes[:0] = [*loaded.notes, inputs.description]
+    facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path)}
+    emit(report, as_json=as_json, title="normsurgeon export", facts=facts, extra={"output": str(out_path)})
+
+
+@click.command()
+@model_options
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@input_options
+@_PROVIDER
+@_ATOL
+@_RTOL
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@handle_errors
+def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+           onnx_path: Path, input_shapes: tuple[str, ...], inputs_file: Path | None, providers: str,
+           atol: float | None, rtol: float | None, as_json: bool, verbose: bool) -> None:
+    """Compare MODEL (torch) with MODEL.onnx (onnxruntime) on the same inputs, output by output.
+
+    Prints max abs diff, max rel diff and cosine per output and provider; exits 0 only if every
+    output passes.
+
+    \b
+    Example:
+      normsurgeon verify models/examples/resnet18.pt resnet18.onnx --input-shape 2,3,32,32
+    """
+    from ..onnx.verify import verify_onnx
+
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
+    report = verify_onnx(loaded.model, onnx_path, inputs.args, providers=providers, atol=atol, rtol=rtol)
+    report.notes[:0] = [*loaded.notes, inputs.description]
+    facts = {"model": f"{model_path} ({loaded.form})", "onnx": str(onnx_path)}
+    emit(report, as_json=as_json, title="normsurgeon verify", facts=facts, extra={"onnx": str(onnx_path)})

@@ -1,0 +1,82 @@
+"""``normsurgeon inspect``: one table of every norm layer — kind, placement, options, hazards. Writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ..cli import handle_errors, input_options, model_options
+from ..errors import UsageError
+
+
+@click.command()
+@model_options
+@input_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@handle_errors
+def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+            input_shapes: tuple[str, ...], inputs_file: Path | None, as_json: bool, verbose: bool) -> None:
+    """List every norm layer: kind, eps, affine, where it sits, what can be folded or converted
+    (and why not), and hazards. Norms are recognised by what they compute, not by class name.
+
+    \b
+    Example:
+      normsurgeon inspect model.pt --input-shape 1,16:int64 --json
+    """
+    from ..io.inputs import resolve_inputs
+    from ..io.loading import load_model
+    from ..passes.inspect import inspect_norms
+    from ..render import render_json
+
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    if loaded.form == "exported_program":
+        raise UsageError(f"{model_path}: a .pt2 ExportedProgram has no norm modules to inspect; inspect the nn.Module "
+                         "before torch.export")
+    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
+    report = inspect_norms(loaded.model, inputs.args)
+    report.notes[:0] = [*loaded.notes, inputs.description]
+    if as_json:
+        click.echo(render_json({**report.to_dict(), "model": str(model_path)}))
+    else:
+        print_inspect(report, Console(highlight=False, soft_wrap=False), title=f"normsurgeon inspect {model_path}")
+
+
+def print_inspect(report, console: Console, *, title: str) -> None:
+    """The human view: facts, the norm table, then options and hazards per norm."""
+    console.print(f"[bold]{title}[/bold]")
+    for key, value in report.facts.items():
+        console.print(f"  {key}: {value}")
+    for note in report.notes:
+        console.print(f"  note: {note}", markup=False)
+    table = Table(title="norms", title_justify="left")
+    for column in ("path", "kind", "normalized", "eps", "affine", "placement"):
+        table.add_column(column)
+    for row in report.norms:
+        kind = row.kind + ("" if row.native else f" ({row.cls})")
+        table.add_row(row.path, kind, row.normalized, f"{row.eps:g}", row.affine, row.placement)
+    console.print(table)
+    options = Table(title="what normsurgeon can do", title_justify="left")
+    for column in ("path", "can", "cannot"):
+        options.add_column(column)
+    for row in report.norms:
+        options.add_row(row.path, "\n".join(row.can) or "-", "\n".join(row.cannot) or "-")
+    console.print(options)
+    flagged = [(row.path, hazard) for row in report.norms for hazard in row.hazards]
+    if flagged:
+        hazards = Table(title=f"hazards ({len(flagged)})", title_justify="left")
+        hazards.add_column("path")
+        hazards.add_column("hazard")
+        for path, hazard in flagged:
+            hazards.add_row(path, hazard)
+        console.print(hazards)
+    if report.unrecognized:
+        rejected = Table(title="look like norms, but are not recognised", title_justify="left")
+        for column in ("path", "class", "why"):
+            rejected.add_column(column)
+        for item in report.unrecognized:
+            rejected.add_row(item["path"], item["class"], item["reason"])
+        console.print(rejected)

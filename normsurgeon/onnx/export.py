@@ -1,0 +1,439 @@
+"""Export a model to ONNX (fold first), save it atomically, and prove it in onnxruntime.
+
+Pipeline: deep copy → pre-export passes (weight-norm removal, BatchNorm folding; the list is
+:func:`pre_export_passes`) → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a
+temp file → :func:`~normsurgeon.onnx.verify.verify_onnx` of that file against the caller's
+*original* (unfolded) model → rename over the target. A failed export, save or onnxruntime
+load leaves no output behind; a numerical mismatch keeps the file and fails the report.
+
+Default opset, measured (torch 2.13, onnxscript 0.7.2, onnx 1.23, onnxruntime 1.32 CPU) on a
+Conv→GroupNorm→LayerNorm→Linear→RMSNorm model and every model in ``models.REGISTRY``:
+
+* opset 18-20: GroupNorm exports as Reshape+InstanceNormalization+Reshape, RMSNorm as a
+  Pow/ReduceMean/Sqrt/Reciprocal chain; 21-22: native GroupNormalization, RMSNorm still a chain.
+* opset 23: native LayerNormalization, GroupNormalization *and* RMSNormalization, and only at
+  exactly 23 the exporter's onnxscript fusions also turn a hand-written (Llama/T5-style)
+  RMSNorm into RMSNormalization (``onnxscript.rewriter.onnx_fusions`` fuses for opset 23 only).
+* opset 24-25: ORT runs them and nn.RMSNorm stays native, but hand-written RMSNorms stay chains.
+* opset 26-28: onnxscript's version converter stops at 25; torch falls back to onnx's C converter,
+  which converts a Conv→GroupNorm model but fails on one with RMSNorm and leaves it declared
+  opset 18 with opset-21+ nodes (ORT refuses to load it; :func:`_export` turns that into an
+  ExportError). ORT itself runs hand-made opset-26..28 norm graphs: the exporter is the limit.
+
+All of 18/23/25 matched torch within 1e-5 in ORT CPU for every reference model, so the
+default is 23: the highest opset where ORT runs the export and every norm is a native op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import linecache
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..errors import ExportError, LoadError
+from ..io.saving import write_atomically
+from ..passes.fold_batchnorm import fold_batchnorm
+from ..passes.weight_norm import remove_weight_norm, weight_norm_sites
+from ..report import Report
+from .runtime import resolve_providers
+from .verify import batch_size, verify_onnx
+
+DEFAULT_OPSET = 23
+NORM_OPS = (
+    "BatchNormalization", "LayerNormalization", "RMSNormalization",
+    "GroupNormalization", "InstanceNormalization",
+)
+# Weights above this go to "<file>.data" beside the .onnx: protobuf cannot hold 2 GiB.
+INLINE_WEIGHTS_LIMIT = 2**31 - 2**27
+
+
+@dataclass(frozen=True)
+class PreExportPass:
+    """A model pass run on the copy before export; its report is merged into the export report."""
+
+    name: str
+    run: Callable[[nn.Module, tuple | dict, float | None, float | None], Report]
+
+
+def _remove_weight_norm(model: nn.Module, inputs: tuple | dict, atol: float | None, rtol: float | None) -> Report:
+    if not any(weight_norm_sites(module) for module in model.modules()):
+        return Report("weightnorm remove")  # nothing to bake: spare the check's two forward passes
+    return remove_weight_norm(model, example_inputs=inputs, atol=atol, rtol=rtol)
+
+
+def _fold(model: nn.Module, inputs: tuple | dict, atol: float | None, rtol: float | None) -> Report:
+    return fold_batchnorm(model, inputs, atol=atol, rtol=rtol)
+
+
+def pre_export_passes(*, fold: bool) -> list[PreExportPass]:
+    """The passes :func:`export_onnx` runs before exporting, in order.
+
+    Weight norm is always baked into plain weights (the file then ships w, not g·v/‖v‖ computed
+    at run time); BatchNorm folding runs unless ``fold`` is False.
+    """
+    passes = [PreExportPass("remove_weight_norm", _remove_weight_norm)]
+    if fold:
+        passes.append(PreExportPass("fold_batchnorm", _fold))
+    return passes
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: tuple | dict,
+    path: str | Path,
+    *,
+    fold: bool = True,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    providers: str = "cpu",
+    atol: float | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+    protect: Sequence[Path] = (),
+    verbose: bool = False,
+) -> Report:
+    """Export ``model`` to ``path`` as ONNX and verify it in onnxruntime; ``model`` is not changed.
+
+    ``example_inputs`` is a tuple of positional or a dict of keyword arguments. With ``fold``,
+    BatchNorms are folded first (its check is labelled "folded vs original"). ``opset`` defaults
+    to :data:`DEFAULT_OPSET`. ``dynamic_batch`` makes dim 0 of every tensor input symbolic and
+    verifies two batch sizes. ``report.passed`` is False when onnxruntime's outputs differ from
+    the original model's; a model that cannot be exported raises :class:`ExportError`.
+    """
+    path = Path(path)
+    opset = DEFAULT_OPSET if opset is None else opset
+    resolve_providers(providers)  # an unavailable provider fails before the slow work
+    report = Report("export")
+    work = copy.deepcopy(model)
+    if model.training:
+        report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
+    work.eval()
+    for step in pre_export_passes(fold=fold):
+        _merge(report, step.run(work, example_inputs, atol, rtol))
+    report.model = work
+    input_sets = [example_inputs]
+    if dynamic_batch:
+        input_sets.append(resize_batch(example_inputs))
+
+    def write(tmp: Path) -> None:
+        program = _export(work, example_inputs, opset, dynamic_batch, verbose, report)
+        _save(program.model, tmp, path, force=force, protect=protect, report=report)
+        report.facts.update(describe_model(program.model))
+        try:
+            verified = verify_onnx(
+                model, tmp, example_inputs, providers=providers, atol=atol, rtol=rtol, extra_inputs=input_sets[1:]
+            )
+        except LoadError as exc:
+            raise ExportError(
+                f"onnxruntime cannot load the exported model ({_cause_line(exc)}); export a float32 model "
+                f"or try another --opset (default {DEFAULT_OPSET})"
+            ) from exc
+        _merge(report, verified)
+        report.facts["providers"] = verified.facts["providers"]
+        report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
+
+    _write_with_data_cleanup(path, write, force=force, protect=protect)
+    report.facts["file_bytes"] = path.stat().st_size
+    return report
+
+
+def resize_batch(inputs: tuple | dict, batch: int | None = None) -> tuple | dict:
+    """The same inputs with another batch size (default: one more), rows repeated or cut on dim 0."""
+    current = batch_size(inputs)
+    if current is None:
+        return inputs
+    target = current + 1 if batch is None else batch
+
+    def resize(leaf):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            return leaf
+        repeats = -(-target // leaf.shape[0])
+        return leaf.repeat(repeats, *([1] * (leaf.dim() - 1)))[:target]
+
+    return tree_map(resize, inputs)
+
+
+def op_histogram(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type over the main graph, its subgraphs and the model's functions.
+
+    Norm op types are always present (0 when absent), so "BatchNormalization: 0" is visible.
+    Ops of a custom domain are keyed ``domain::OpType``.
+    """
+    if isinstance(model, onnx.ModelProto):
+        model = ir.from_proto(model)
+    counts: Counter[str] = Counter({op: 0 for op in NORM_OPS})
+    for graph_like in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph_like):
+            counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def describe_model(model: ir.Model) -> dict:
+    """Facts about an exported graph: opset, op histogram, input shapes (symbolic dims by name)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    inputs = {
+        value.name: [d if isinstance(d, int) else str(d) for d in (value.shape or ())]
+        for value in model.graph.inputs
+    }
+    return {"opset": opset, "op_histogram": op_histogram(model), "graph_inputs": inputs}
+
+
+def _merge(report: Report, other: Report) -> None:
+    report.changes.extend(other.changes)
+    report.skipped.extend(other.skipped)
+    report.checks.extend(other.checks)
+    report.notes.extend(other.notes)
+
+
+def _export(
+    model: nn.Module, inputs: tuple | dict, opset: int, dynamic_batch: bool, verbose: bool, report: Report
+) -> torch.onnx.ONNXProgram:
+    """``torch.onnx.export`` (dynamo, optimized); failures become a one-line ExportError."""
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), None)
+    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
+    start = time.perf_counter()
+    try:
+        with _quiet(verbose):
+            program = torch.onnx.export(
+                model, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
+                dynamic_shapes=dynamic_shapes, verbose=verbose, report=False, dump_exported_program=False,
+            )
+    except Exception as exc:
+        raise ExportError(describe_export_failure(exc, model, verbose=verbose)) from exc
+    report.facts["export_seconds"] = round(time.perf_counter() - start, 3)
+    produced = program.model.opset_imports.get("", program.model.opset_imports.get("ai.onnx"))
+    if produced != opset:
+        raise ExportError(
+            f"the exporter could not produce opset {opset} (it produced {produced}); "
+            f"use --opset {DEFAULT_OPSET} (the default) or another opset between 18 and 25"
+        )
+    if dynamic_batch:
+        _require_symbolic_batch(program.model)
+        program.rename_axes({str(v.shape[0]): "batch" for v in program.model.graph.inputs if v.shape})
+    return program
+
+
+def _require_symbolic_batch(model: ir.Model) -> None:
+    """torch falls back to a static shape when the model pins dim 0; say so instead of shipping it."""
+    for value in model.graph.inputs:
+        if value.shape is not None and len(value.shape) > 0 and isinstance(value.shape[0], int):
+            raise ExportError(
+                f"the model fixes the batch size: input {value.name!r} kept a static dim 0 of "
+                f"{value.shape[0]} when exported with a dynamic batch; export without --dynamic-batch, "
+                "or make the model's reshapes keep dim 0 (e.g. x.reshape(x.shape[0], -1))"
+            )
+
+
+def _batch_dynamic_shapes(inputs: tuple | dict) -> tuple | dict:
+    """``dynamic_shapes`` making dim 0 of every tensor input one shared symbol, ``batch``."""
+    batch = torch.export.Dim("batch")
+
+    def spec(leaf):
+        return {0: batch} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None
+
+    if isinstance(inputs, dict):
+        return {key: tree_map(spec, value) for key, value in inputs.items()}
+    return tuple(tree_map(spec, value) for value in inputs)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """Hide the exporter's prints, log lines and warnings unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    names = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "torch.utils._sympy",
+             "onnxscript", "onnx_ir")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _save(
+    model: ir.Model, tmp: Path, target: Path, *, force: bool, protect: Sequence[Path], report: Report
+) -> None:
+    """Write ``model`` to ``tmp``: weights inline, or in ``<target>.data`` when too big to inline."""
+    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if weights <= INLINE_WEIGHTS_LIMIT:
+        ir.save(model, tmp)
+        return
+    data = data_path(target)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
+        staged = Path(staging) / target.name
+        ir.save(model, staged, external_data=data.name)
+
+        def move_data(data_tmp: Path) -> None:
+            os.replace(staged.with_name(data.name), data_tmp)
+
+        write_atomically(data, move_data, force=force, protect=protect)
+        os.replace(staged, tmp)
+    report.facts["external_data_bytes"] = data.stat().st_size
+    size = f"{weights / 2**30:.2f} GiB"
+    report.notes.append(f"the weights ({size}) are in {data.name}, which must travel with {target.name}")
+
+
+def data_path(target: Path) -> Path:
+    """Where the external weights of a large model go: ``model.onnx`` -> ``model.onnx.data``."""
+    return target.with_name(target.name + ".data")
+
+
+def _write_with_data_cleanup(
+    path: Path, write: Callable[[Path], None], *, force: bool, protect: Sequence[Path]
+) -> None:
+    """``write_atomically``, also removing an external-data file this export made if it fails."""
+    data = data_path(path)
+    existed = data.exists()
+    try:
+        write_atomically(path, write, force=force, protect=protect)
+    except BaseException:
+        if data.exists() and not existed:
+            with contextlib.suppress(OSError):
+                data.unlink()
+        raise
+
+
+def _cause_line(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    text = " ".join(str(cause).split())
+    return text[:200] if text else type(cause).__name__
+
+
+# --------------------------------------------------------------------------- export failures
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where an export failed: module path and class, and the source line when known."""
+
+    module: str | None = None
+    cls: str | None = None
+    source: str | None = None  # "file.py:12 `code`"
+
+    def __str__(self) -> str:
+        parts = []
+        if self.cls is not None:
+            where = f"module {self.module!r}" if self.module else "the top-level module"
+            parts.append(f"in {where} ({self.cls})")
+        if self.source:
+            parts.append(f"at {self.source}")
+        return (" " + " ".join(parts)) if parts else ""
+
+
+def describe_export_failure(exc: BaseException, model: nn.Module, *, verbose: bool = False) -> str:
+    """One line naming what failed to export (operator or construct), where, and the fix."""
+    chain = _exception_chain(exc)
+    names = {type(e).__name__ for e in chain}
+    text = "\n".join(str(e) for e in chain)
+    op = _untranslated_op(chain)
+    if op is not None:
+        what, fix = f"operator {op} has no ONNX translation", "replace that operation in the model"
+    elif any("DataDependent" in name for name in names):
+        what = "data-dependent control flow (a Python branch or size taken from a tensor's values)"
+        fix = "rewrite it with torch.where / torch.cond, or move it out of the model"
+    elif "ConstraintViolationError" in names or "Constraints violated" in text:
+        what, fix = "the model fixes the batch size, so dim 0 cannot be dynamic", "export without --dynamic-batch"
+    else:
+        root = chain[-1]
+        what, fix = f"{type(root).__name__}: {_first_line(root)}", "rewrite that code so torch.export can trace it"
+    message = f"cannot export the model to ONNX: {what}{_failure_site(chain, model)}; {fix}"
+    return message if verbose else f"{message}; rerun with --verbose for the full traceback"
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _untranslated_op(chain: list[BaseException]) -> str | None:
+    for exc in chain:
+        match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'", str(exc))
+        if match:
+            return f"{match[1]}.{match[2]}"
+    for exc in chain:
+        if type(exc).__name__ == "DispatchError":
+            node = _fx_node(exc)
+            return str(node.target) if node is not None else _first_line(exc)
+    return None
+
+
+def _failure_site(chain: list[BaseException], model: nn.Module) -> _Site:
+    """The fx node's module stack (conversion errors), else the deepest model forward() frame."""
+    for exc in chain:
+        node = _fx_node(exc)
+        if node is not None and node.meta.get("nn_module_stack"):
+            path, cls = list(node.meta["nn_module_stack"].values())[-1]
+            cls_name = getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
+            return _Site(path, cls_name, _last_stack_entry(node.meta.get("stack_trace") or ""))
+    paths = {id(m): name for name, m in model.named_modules()}
+    site = _Site()
+    for exc in chain:
+        for frame, lineno in traceback.walk_tb(exc.__traceback__):
+            owner = frame.f_locals.get("self")
+            if frame.f_code.co_name == "forward" and id(owner) in paths:
+                code = linecache.getline(frame.f_code.co_filename, lineno).strip()
+                source = f"{Path(frame.f_code.co_filename).name}:{lineno} `{code[:80]}`"
+                site = _Site(paths[id(owner)], type(owner).__name__, source)
+        if site.cls is not None:
+            return site
+    return site
+
+
+def _fx_node(exc: BaseException) -> torch.fx.Node | None:
+    """The fx node the exporter was translating when ``exc`` was raised (a ``node`` local)."""
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        node = frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node):
+            found = node
+    return found
+
+
+def _last_stack_entry(stack_trace: str) -> str | None:
+    matches = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', stack_trace)
+    if not matches:
+        return None
+    file, line, code = matches[-1]
+    return f"{Path(file).name}:{line} `{code.strip()[:80]}`"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its messages
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
+
+
+__all__ = [
+    "DEFAULT_OPSET", "PreExportPass", "describe_export_failure", "describe_model", "export_onnx",
+    "op_histogram", "pre_export_passes", "resize_batch",
+]

@@ -1,0 +1,191 @@
+"""Prove that an .onnx file computes what a torch model computes, in onnxruntime.
+
+The torch model runs in eval mode under ``no_grad``; the .onnx file runs in onnxruntime with
+full graph optimizations (what users ship: ORT fuses and rewrites nodes, so this checks the
+graph ORT actually executes, not the one on disk). One :class:`~normsurgeon.report.Check` is
+made per (execution provider, input set).
+
+Inputs are fed by position: the tensors among the example inputs (a tuple of positional or a
+dict of keyword arguments, flattened in pytree order; ``None`` and other non-tensor values were
+baked into the graph by the exporter) map to the graph's inputs in order. Outputs are matched
+by position too: the dynamo exporter flattens a nested output (tuple, dict, ``transformers``
+ModelOutput) in the same pytree order as :func:`~normsurgeon.check.flatten_outputs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..check import compare_outputs, default_tolerance, flatten_outputs
+from ..errors import LoadError, PreconditionError, UsageError
+from ..report import Check, OutputDiff, Report
+from ..trace import call_model
+from . import runtime
+
+# onnxruntime's input type strings -> the numpy dtype it accepts.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def verify_onnx(
+    model: nn.Module,
+    onnx_path: str | Path,
+    example_inputs: tuple | dict,
+    *,
+    providers: str = "cpu",
+    atol: float | None = None,
+    rtol: float | None = None,
+    extra_inputs: Sequence[tuple | dict] = (),
+) -> Report:
+    """Run ``model`` (torch) and ``onnx_path`` (onnxruntime) on the same inputs; one check each.
+
+    ``providers`` is ``cpu``, ``cuda`` or ``all`` (``all`` notes the providers it skipped).
+    ``extra_inputs`` are further input sets of the same structure (e.g. another batch size).
+    ``report.passed`` is False when any output of any run is outside ``atol + rtol * max|ref|``
+    (tolerances default to the output dtype's, see :mod:`normsurgeon.check`).
+    """
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file; check the path of the .onnx model")
+    chosen, skipped = runtime.resolve_providers(providers)
+    report = Report("verify")
+    report.notes.extend(skipped)
+    input_sets = [example_inputs, *extra_inputs]
+    sessions = {provider: runtime.session(path, provider) for provider in chosen}
+    feeds = {p: [onnx_feeds(sess, inputs) for inputs in input_sets] for p, sess in sessions.items()}
+    references = [_run_torch(model, inputs) for inputs in input_sets]
+    for provider, sess in sessions.items():
+        for inputs, feed, reference in zip(input_sets, feeds[provider], references):
+            label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs)})"
+            report.checks.append(_compare(sess, feed, reference, label, atol, rtol))
+    report.facts["providers"] = list(chosen)
+    report.facts["batch_sizes_verified"] = sorted({b for b in map(batch_size, input_sets) if b is not None})
+    return report
+
+
+def tensor_leaves(inputs: tuple | dict) -> list[torch.Tensor]:
+    """The tensors among (possibly nested) example inputs, in the exporter's (pytree) order."""
+    leaves, _ = tree_flatten(inputs)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def batch_size(inputs: tuple | dict) -> int | None:
+    """Dim 0 of the first tensor input with at least one dimension (None when there is none)."""
+    return next((t.shape[0] for t in tensor_leaves(inputs) if t.dim() > 0), None)
+
+
+def describe_inputs(inputs: tuple | dict) -> str:
+    """'batch 2' for a check's label."""
+    batch = batch_size(inputs)
+    return f"batch {batch}" if batch is not None else "scalar inputs"
+
+
+def onnx_feeds(sess: ort.InferenceSession, inputs: tuple | dict) -> dict[str, np.ndarray]:
+    """The session's feed dict: the inputs' tensors, in order, as numpy arrays of the right dtype."""
+    graph_inputs = sess.get_inputs()
+    tensors = tensor_leaves(inputs)
+    if isinstance(inputs, dict) and all(i.name in inputs for i in graph_inputs):
+        tensors = [inputs[i.name] for i in graph_inputs]  # kwargs: match by name when they all match
+    if len(tensors) != len(graph_inputs):
+        names = ", ".join(i.name for i in graph_inputs) or "none"
+        raise UsageError(
+            f"the ONNX model takes {len(graph_inputs)} inputs ({names}) but the example inputs hold "
+            f"{len(tensors)} tensors; pass inputs matching the exported model (--inputs / --input-shape)"
+        )
+    return {spec.name: _to_numpy(spec, tensor) for spec, tensor in zip(graph_inputs, tensors)}
+
+
+def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        raise UsageError(
+            f"input {spec.name!r} is bfloat16, which onnxruntime cannot be fed from numpy; "
+            "export and verify the model in float32 or float16"
+        )
+    array = tensor.detach().cpu().numpy()
+    expected = _ORT_DTYPES.get(spec.type)
+    if expected is not None and array.dtype != expected:
+        raise UsageError(
+            f"input {spec.name!r} is {array.dtype} but the ONNX model expects {spec.type}; "
+            f"pass inputs of that dtype (e.g. --input-shape 1,16:int64)"
+        )
+    return array
+
+
+def _run_torch(model: nn.Module, inputs: tuple | dict) -> Any:
+    try:
+        with torch.no_grad(), eval_mode(model):
+            return call_model(model, inputs)
+    except Exception as exc:  # the user's model failed on the user's inputs
+        first = " ".join(str(exc).split())[:160]
+        raise PreconditionError(
+            f"the torch model failed on the example inputs ({type(exc).__name__}: {first}); "
+            "check --input-shape/--inputs"
+        ) from exc
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own flag (mixed modes survive)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _compare(
+    sess: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    reference: Any,
+    label: str,
+    atol: float | None,
+    rtol: float | None,
+) -> Check:
+    """One Check: every flattened torch output against the ORT output at the same position."""
+    named = flatten_outputs(reference)
+    atol, rtol = _tolerances([t for _, t in named], atol, rtol)
+    try:
+        outputs = [array for _, array in runtime.run(sess, feeds)]
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
+        detail = f"onnxruntime failed: {' '.join(str(exc).split())[:200]}"
+        return Check((_failed("output", detail),), atol=atol, rtol=rtol, label=label)
+    if len(outputs) != len(named):
+        detail = f"the ONNX model has {len(outputs)} outputs, the torch model {len(named)} tensor outputs"
+        return Check((_failed("outputs", detail),), atol=atol, rtol=rtol, label=label)
+    diffs = tuple(
+        _diff_one(name, ref, array, atol, rtol) for (name, ref), array in zip(named, outputs)
+    )
+    return Check(diffs, atol=atol, rtol=rtol, label=label)
+
+
+def _diff_one(name: str, ref: torch.Tensor, array: np.ndarray, atol: float, rtol: float) -> OutputDiff:
+    candidate = torch.from_numpy(np.ascontiguousarray(array))
+    (diff,) = compare_outputs(ref, candidate, atol=atol, rtol=rtol).outputs
+    return dataclasses.replace(diff, name=name)
+
+
+def _tolerances(tensors: list[torch.Tensor], atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """The loosest float output dtype's defaults, as :func:`compare_outputs` picks them."""
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()] or [torch.float32]
+    loosest = max((default_tolerance(d) for d in dtypes), key=lambda tol: tol[1])
+    return (loosest[0] if atol is None else atol, loosest[1] if rtol is None else rtol)
+
+
+def _failed(name: str, detail: str) -> OutputDiff:
+    nan = float("nan")
+    return OutputDiff(name, nan, nan, nan, False, detail)

@@ -1,0 +1,177 @@
+"""Fold a LayerNorm/RMSNorm's scale (and LN's shift) into the linear layers that read it.
+
+A norm with affine ``y = n(x) * γ + β`` (n the parameter-free normalization) feeding linear layers
+``z = y Wᵀ + b`` and nothing else computes the same as the parameter-free ``n(x)`` feeding
+
+    W' = W · diag(γ),    b' = b + W β
+
+(per consumer; for transformers' ``Conv1D``, whose weight is stored (in, out), the same with rows and
+columns swapped). The trace must prove that every call of the norm feeds only linear layers
+(q/k/v projections, MLP up/gate projections, an LM head) and that those layers read nothing else;
+their weights must not be tied or used outside them. The norm is left parameter-free: torch's
+layers lose their affine (``elementwise_affine=False``); a hand-written norm keeps its class with
+weight 1 (bias 0), frozen. Arithmetic is float64, cast back once.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..check import compare_outputs
+from ..errors import PreconditionError, VerificationError
+from ..maths import input_shift_contribution, scale_channels_
+from ..placement import describe, is_conv1d, users_through
+from ..recognize import NormInfo, NormKind, recognize_norms
+from ..report import Change, Report, Skip, SkipReason
+from ..surgery import editable_weight, ensure_bias
+from ..trace import Trace, call_model, trace
+from .fold_batchnorm import Refused, _check_editable, _shared_tensor_ids
+
+_FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
+
+
+def fold_norm_affines(
+    model: nn.Module,
+    example_inputs: tuple | dict,
+    *,
+    inplace: bool = True,
+    atol: float | None = None,
+    rtol: float | None = None,
+    raise_on_mismatch: bool = True,
+) -> Report:
+    """Fold every LayerNorm/RMSNorm affine that only linear layers read into them; return the report.
+
+    ``example_inputs`` drive the trace that proves the dataflow and the check against the original
+    outputs; a failed check raises :class:`VerificationError` (with ``raise_on_mismatch``).
+    """
+    if model.training:
+        raise PreconditionError("the model is in training mode (dropout is random); call model.eval() first")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = Report("fold-affine", model=model)
+    flow = trace(model, example_inputs)
+    recognition = recognize_norms(model, flow)
+    for item in recognition.unrecognized:
+        report.skipped.append(Skip(item.path, SkipReason.NOT_A_NORM, item.detail))
+    shared = _shared_tensor_ids(model)
+    for info in recognition.norms:
+        if info.kind not in _FOLDABLE_KINDS:
+            continue
+        try:
+            consumers = plan_affine_fold(flow, info, shared)
+        except Refused as refusal:
+            report.skipped.append(Skip(info.path, refusal.reason, refusal.detail))
+            continue
+        report.changes.extend(apply_affine_fold(flow, info, consumers))
+    with torch.no_grad():
+        outputs = call_model(model, example_inputs)
+    report.check = compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="norm affines folded vs before")
+    if raise_on_mismatch and not report.check.passed:
+        raise VerificationError(
+            f"the model with folded norm affines differs from the original by {report.check.max_abs_diff:.3g} "
+            f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); please report this model "
+            "— the model was changed in place, reload it"
+        )
+    return report
+
+
+def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.Module]:
+    """The linear layers ``info``'s affine folds into, or :class:`Refused` with the reason."""
+    if info.weight is None and info.bias is None:
+        raise Refused(SkipReason.NO_AFFINE, "nothing to fold")
+    if info.kind not in _FOLDABLE_KINDS or len(info.normalized_shape) != 1:
+        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"a {info.kind.spec.title} over {info.describe_normalized()} "
+                      "does not scale the input features of a linear layer")
+    calls = flow.calls_of(info.module)
+    if not calls:
+        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+    if any(flow.uses_outside(t) for t in (info.weight, info.bias) if t is not None):
+        raise Refused(SkipReason.FUNCTIONAL_USE, "its weight or bias is read by code outside it")
+    reads: dict[nn.Module, int] = {}
+    for call in calls:
+        if not call.outputs:
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "it returned no tensor")
+        for user, value in users_through(call.outputs[0]):
+            if not (user.kind == "module" and _is_linear_like(user.module)):
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output also goes to {describe(user)}")
+            if flow.data_input(user) is not value or len(user.inputs) != 1:
+                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads other tensors too")
+            reads[user.module] = reads.get(user.module, 0) + 1
+    for module, count in reads.items():
+        if len(flow.calls_of(module)) != count:
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
+        if in_features(module) != info.num_features:
+            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} does not read the normalized features")
+        _check_editable(flow, module, shared)
+    return list(reads)
+
+
+def apply_affine_fold(flow: Trace, info: NormInfo, consumers: list[nn.Module]) -> list[Change]:
+    """Fold ``info``'s affine into ``consumers`` (planned by :func:`plan_affine_fold`); the norm ends parameter-free."""
+    gamma = _as_vector(info.weight, info.num_features)
+    beta = _as_vector(info.bias, info.num_features, fill=0.0)
+    changes = []
+    for module in consumers:
+        fold_input_affine(module, gamma, beta if info.bias is not None and bool(beta.any()) else None)
+        changes.append(Change("folded-affine", info.path, flow.module_paths[module],
+                              "scale" + (" and shift" if info.bias is not None else "") + " into its consumer"))
+    strip_affine(info)
+    return changes
+
+
+def fold_input_affine(module: nn.Module, gamma: torch.Tensor, beta: torch.Tensor | None) -> None:
+    """In place: ``module(x * gamma + beta) == module'(x)`` for a Linear or Conv1D (float64 maths)."""
+    weight = editable_weight(module)
+    assert not isinstance(weight, str)  # checked while planning
+    w = weight.tensor
+    in_dim = input_dim(module)
+    if beta is not None:
+        if in_dim == 1:
+            shift = input_shift_contribution(w, beta)
+        else:
+            shift = beta.to(w.device) @ w.detach().double()
+        bias = ensure_bias(module, w.shape[1 - in_dim], w)
+        new_bias = bias.detach().double() + shift.to(bias.device)
+    scale_channels_(w, gamma.to(w.device), channel_dim=in_dim)
+    weight.commit()
+    if beta is not None:
+        with torch.no_grad():
+            bias.copy_(new_bias.to(bias.dtype))
+
+
+def strip_affine(info: NormInfo) -> None:
+    """Leave the norm parameter-free: torch's layers drop their affine, hand-written ones get 1 / 0, frozen."""
+    module = info.module
+    if info.native and isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        module.weight = None
+        if isinstance(module, nn.LayerNorm):
+            module.bias = None
+        module.elementwise_affine = False
+        return
+    with torch.no_grad():
+        for tensor, value in ((info.weight, 1.0), (info.bias, 0.0)):
+            if tensor is not None:
+                tensor.fill_(value)
+                tensor.requires_grad_(False)
+
+
+def input_dim(module: nn.Module) -> int:
+    """The weight dim indexed by input features: 1 for nn.Linear (out, in), 0 for Conv1D (in, out)."""
+    return 0 if is_conv1d(module) else 1
+
+
+def in_features(module: nn.Module) -> int:
+    return int(module.weight.shape[input_dim(module)])
+
+
+def _is_linear_like(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _as_vector(tensor: torch.Tensor | None, size: int, fill: float = 1.0) -> torch.Tensor:
+    if tensor is None:
+        return torch.full((size,), fill, dtype=torch.float64)
+    return tensor.detach().double().reshape(-1).cpu()
