@@ -1,0 +1,1 @@
+"""Benchmarks: normsurgeon against what users have today. Run ``python -m benchmarks.run``."""
