@@ -71,6 +71,37 @@ def compare_outputs(
     return Check(tuple(diffs), atol=atol, rtol=rtol, label=label)
 
 
+def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs: Any) -> float | None:
+    """How far ``outputs`` of a float32/16 model are from the same model run in float64.
+
+    Deep networks amplify one-ulp weight changes: a fold that is exact in float64 can move a
+    float32 output by more than the default tolerance. This is that model's own rounding noise;
+    a difference within a few times it is rounding, a wrong fold is orders of magnitude above.
+    None for models that are already float64 or have no floating-point outputs.
+    """
+    import copy
+
+    from .trace import call_model
+
+    floats = [t for _, t in flatten_outputs(outputs) if t.is_floating_point()]
+    if not floats or all(t.dtype == torch.float64 for t in floats):
+        return None
+    exact_model = copy.deepcopy(model).double()
+
+    def as_double(value: Any) -> Any:
+        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    if isinstance(example_inputs, dict):
+        inputs = {key: as_double(value) for key, value in example_inputs.items()}
+    else:
+        inputs = tuple(as_double(value) for value in example_inputs)
+    with torch.no_grad():
+        exact = dict(flatten_outputs(call_model(exact_model, inputs)))
+    diffs = [(t.double() - exact[name]).abs().max().item() for name, t in flatten_outputs(outputs)
+             if t.is_floating_point() and name in exact and t.numel()]
+    return max(diffs, default=None)
+
+
 def _diff(name: str, ref: torch.Tensor, new: torch.Tensor | None, atol: float, rtol: float) -> OutputDiff:
     nan = float("nan")
     if new is None:

@@ -26,9 +26,11 @@ _stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 def model_options(func: Callable) -> Callable:
     """MODEL argument plus the options that say how to load it."""
     decorators = [
-        click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path)),
+        # No exists/dir_okay checks here: the loader explains a missing file or a folder in one line (exit 3).
+        click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
         click.option("--factory", metavar="MODULE:CALLABLE",
-                     help="Builds the architecture when MODEL is a state_dict; the state_dict is loaded strictly."),
+                     help="The function that builds the architecture when MODEL is a state_dict, e.g. "
+                          "mypkg.nets:resnet50; the weights must fit it exactly."),
         click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
                      type=click.Path(file_okay=False, path_type=Path),
                      help="Extra directory to import model classes from (the current directory always is). Repeatable."),
@@ -43,21 +45,36 @@ def input_options(func: Callable) -> Callable:
     decorators = [
         click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE[:DTYPE]",
                      help="A random example input, e.g. 1,3,224,224 or 1,16:int64. Repeat for several inputs."),
-        click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.pt",
+        click.option("--inputs", "inputs_file", type=click.Path(path_type=Path), metavar="FILE.pt",
                      help="A saved tensor, tuple of tensors (positional) or dict (keyword arguments)."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
 
 
-def output_options(func: Callable) -> Callable:
-    decorators = [
-        click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-                     help="Where to write the result (default: beside MODEL, e.g. model.folded.pt)."),
-        click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
-        click.option("--verbose", is_flag=True, help="Show full tracebacks for errors."),
-    ]
-    return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+def output_options(func: Callable | None = None, *, default: str = "MODEL.out.pt beside MODEL") -> Callable:
+    """-o/--force/--json/--verbose; ``@output_options(default="MODEL.folded.pt")`` names the default output."""
+
+    def decorate(f: Callable) -> Callable:
+        decorators = [
+            # No dir_okay check: an existing folder as -o is an OutputError (exit 8) like any unwritable path.
+            click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE",
+                         help=f"Where to write the result (default: {default})."),
+            click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input)."),
+            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+            click.option("--verbose", is_flag=True, help="Show full tracebacks for errors."),
+        ]
+        return functools.reduce(lambda g, d: d(g), reversed(decorators), f)
+
+    return decorate(func) if func is not None else decorate
+
+
+class _Tolerance(click.FloatRange):
+    name = "float"  # shown as FLOAT [x>=0], not FLOAT RANGE
+
+
+TOLERANCE = _Tolerance(min=0)
+ATOL_HELP = "Absolute tolerance of the check (default by dtype; fp32: 1e-5)."
+RTOL_HELP = "Tolerance of the check relative to max|output| (default by dtype; fp32: 1e-4)."
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -76,13 +93,55 @@ def handle_errors(func: Callable) -> Callable:
             _stderr.print(f"error: {error}", markup=False)
             sys.exit(error.exit_code)
         except KeyboardInterrupt:
-            _stderr.print("interrupted: nothing was written", markup=False)
+            _stderr.print(INTERRUPTED, markup=False)
             sys.exit(130)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+INTERRUPTED = "interrupted: the input is unchanged, and the output was written completely or not at all"
+
+
+class NormSurgeonGroup(click.Group):
+    """The top-level group: click's own usage errors follow normsurgeon's convention too.
+
+    Click prints a usage block and ``Error: ...`` over several lines; normsurgeon prints one line,
+    ``error: <what>; see 'normsurgeon CMD --help'``, and exits 2 (docs/errors.md).
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """In the order they were added (the order of a workflow), not alphabetical."""
+        return list(self.commands)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        prog_name = prog_name or "normsurgeon"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            _stderr.print(f"error: {_click_message(error)}", markup=False)
+            sys.exit(error.exit_code)
+        except click.Abort:  # Ctrl-C while click parses
+            _stderr.print(INTERRUPTED, markup=False)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _click_message(error: click.ClickException) -> str:
+    """'Missing option '--to'.' -> "missing option '--to'; see 'normsurgeon convert --help'"."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and ctx is not None:
+        message += f"; see '{ctx.command_path} --help'"
+    return message
+
+
+@click.group(cls=NormSurgeonGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="normsurgeon")
 def main() -> None:
     """Surgery on the normalization layers of trained PyTorch models.
@@ -90,17 +149,40 @@ def main() -> None:
     Every command prints what it changed, what it skipped and why, and a numerical check of the
     result against the original model; --json prints the same as JSON. MODEL is a pickled
     nn.Module (torch.save(model)), a state_dict with --factory, or a .pt2 ExportedProgram.
+    The input file is never changed; outputs are written atomically.
+
+    Errors are one line, 'error: <what>; <fix>'. Exit codes: 0 done and checked, 2 usage,
+    3 unreadable file, 4 unsafe pickle refused, 5 model not ready (e.g. training mode),
+    6 numerical check failed, 7 export failed, 8 output not written, 130 interrupted
+    (docs/errors.md). Run 'normsurgeon COMMAND --help' for a command's options and examples.
     """
 
 
 def emit(report: Any, *, as_json: bool, title: str, facts: dict[str, str], extra: dict[str, Any]) -> None:
-    """Print a report (human or JSON) and exit non-zero when its check failed."""
+    """Print a report (human or JSON); when its check failed, one ``error:`` line too, and exit 6."""
     if as_json:
         click.echo(render_json({**report.to_dict(), **extra}))
     else:
         print_report(report, _stdout, title=title, facts=facts)
     if not report.passed:
+        _stderr.print(f"error: {failed_check_message(report)}", markup=False)
         sys.exit(6)
+
+
+def failed_check_message(report: Any) -> str:
+    """One line for a report whose numerical check failed: which check, which output, by how much."""
+    check = next((c for c in report.checks if not c.passed), None)
+    if check is None:
+        return "the numerical check failed; see the report above"
+    output = next((o for o in check.outputs if not o.passed), None)
+    where = f" on output {output.name!r}" if output is not None else ""
+    if output is not None and output.detail:  # it did not run (e.g. onnxruntime refused the inputs)
+        detail = " ".join(output.detail.split())
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        return f"check '{check.label}' failed{where} ({detail}); see the report above"
+    return (f"check '{check.label}' failed{where} (max|diff| {check.max_abs_diff:.3g} > {check.atol:g} + "
+            f"{check.rtol:g}*max|output|); see the report above, and loosen --atol/--rtol only if the "
+            "difference is expected")
 
 
 def _register_commands() -> None:

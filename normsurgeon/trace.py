@@ -201,6 +201,7 @@ def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | Non
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
     """
+    _refuse_meta(model, example_inputs)
     recorder = _Recorder(model)
     handles = []
     for module in recorder.paths:
@@ -223,6 +224,24 @@ def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | Non
     output_node = recorder.new_node("output", "output")
     recorder.consume(output_node, _tensors(outputs))
     return Trace(recorder.nodes, recorder.calls, recorder.paths, outputs, recorder.external)
+
+
+def _refuse_meta(model: nn.Module, example_inputs: tuple | dict) -> None:
+    """A meta tensor has a shape but no values: no pass can check (or fold) anything with it.
+
+    Without this, passes failed deep inside with torch internals ("Tensor.item() cannot be called
+    on meta tensors", "Cannot copy out of meta tensor").
+    """
+    names = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise PreconditionError(
+            f"the model's tensors are on the meta device (shapes, no values): {', '.join(names[:3])}{more}; "
+            "load real weights first (e.g. model.to_empty(device='cpu') then load_state_dict, "
+            "or load_state_dict(..., assign=True))"
+        )
+    if any(t.is_meta for t in _tensors(example_inputs)):
+        raise PreconditionError("the example inputs are on the meta device (shapes, no values): pass real tensors")
 
 
 def call_model(model: nn.Module, example_inputs: tuple | dict) -> Any:

@@ -6,17 +6,26 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..cli import (
+    ATOL_HELP,
+    RTOL_HELP,
+    TOLERANCE,
+    emit,
+    handle_errors,
+    input_options,
+    model_options,
+    output_options,
+)
 from ..errors import PreconditionError, UsageError
 from ..recognize import NormKind
 
 _KINDS = ", ".join([*NormKind.names(), "native"])
 
 
-@click.command()
+@click.command(short_help="Convert norm layers to another kind (exact, or --approximate).")
 @model_options
 @input_options
-@output_options
+@output_options(default="MODEL.converted.pt beside MODEL")
 @click.option("--to", "to", required=True, metavar="KIND",
               help=f"Target kind: {_KINDS} (native: each hand-written norm to torch's own layer).")
 @click.option("--from", "from_", metavar="KIND", help="Convert only norms of this kind.")
@@ -24,8 +33,8 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
 @click.option("--approximate", is_flag=True,
               help="Allow conversions that change the outputs (e.g. BatchNorm -> GroupNorm for fine-tuning); the report gives the difference.")
 @click.option("--eval", "set_eval", is_flag=True, help="Put a model saved in training mode into eval mode first.")
-@click.option("--atol", type=float, help="Absolute tolerance of the check (default by dtype; fp32: 1e-5).")
-@click.option("--rtol", type=float, help="Tolerance relative to max|output| (default by dtype; fp32: 1e-4).")
+@click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
+@click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @handle_errors
 def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
             input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
@@ -46,7 +55,7 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     """
     from ..io.inputs import resolve_inputs
     from ..io.loading import load_model
-    from ..io.saving import default_output_path, save_module
+    from ..io.saving import check_output_path, default_output_path, save_module
     from ..passes.convert import convert_norms, parse_target
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
@@ -55,6 +64,8 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: convert edits nn.Module layers, and a .pt2 ExportedProgram has none; "
                          "convert the module before torch.export")
+    out_path = check_output_path(output or default_output_path(model_path, "converted"), force=force,
+                                 protect=[model_path])
     model, notes = loaded.model, list(loaded.notes)
     if model.training:
         if not set_eval:
@@ -67,7 +78,6 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     if not report.changes:
         raise PreconditionError(nothing_converted(report))
     report.notes[:0] = [*notes, inputs.description]
-    out_path = output or default_output_path(model_path, "converted")
     save_module(report.model, out_path, force=force, protect=[model_path])
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "converted": str(len(report.changed("converted"))), "skipped": str(len(report.skipped))}

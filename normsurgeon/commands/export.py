@@ -6,22 +6,32 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..cli import (
+    ATOL_HELP,
+    RTOL_HELP,
+    TOLERANCE,
+    emit,
+    handle_errors,
+    input_options,
+    model_options,
+    output_options,
+)
 from ..io.inputs import resolve_inputs
 from ..io.loading import load_model
+from ..io.saving import check_output_path
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
                          show_default=True,
                          help="onnxruntime execution provider(s) to verify on; 'all' runs those present "
                               "and says which were skipped (cuda needs normsurgeon[gpu] on a CUDA machine).")
-_ATOL = click.option("--atol", type=float, help="Absolute tolerance (default by dtype; fp32: 1e-5).")
-_RTOL = click.option("--rtol", type=float, help="Tolerance relative to max|output| (default by dtype; fp32: 1e-4).")
+_ATOL = click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
+_RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 
 
-@click.command()
+@click.command(short_help="Fold, export to ONNX and verify it in onnxruntime.")
 @model_options
 @input_options
-@output_options
+@output_options(default="MODEL.onnx beside MODEL, e.g. model.pt -> model.onnx")
 @click.option("--no-fold", is_flag=True, help="Export without folding BatchNorm first.")
 @click.option("--opset", type=int, default=None,
               help="ONNX opset (default 23: the highest where onnxruntime runs the export and "
@@ -49,8 +59,8 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     from ..onnx.export import export_onnx
 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    out_path = check_output_path(output or model_path.with_suffix(".onnx"), force=force, protect=[model_path])
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    out_path = output or model_path.with_suffix(".onnx")
     report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
                          dynamic_batch=dynamic_batch, providers=providers, atol=atol, rtol=rtol, force=force,
                          protect=[model_path], verbose=verbose)
@@ -59,9 +69,9 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     emit(report, as_json=as_json, title="normsurgeon export", facts=facts, extra={"output": str(out_path)})
 
 
-@click.command()
+@click.command(short_help="Compare MODEL with MODEL.onnx in onnxruntime, output by output.")
 @model_options
-@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @input_options
 @_PROVIDER
 @_ATOL
@@ -78,8 +88,9 @@ def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     output passes.
 
     \b
-    Example:
-      normsurgeon verify models/examples/resnet18.pt resnet18.onnx --input-shape 2,3,32,32
+    Example (the file from the export example, which has a fixed batch of 1; export with
+    --dynamic-batch to verify other batch sizes):
+      normsurgeon verify models/examples/resnet18.pt resnet18.onnx --input-shape 1,3,32,32
     """
     from ..onnx.verify import verify_onnx
 

@@ -7,21 +7,35 @@ from pathlib import Path
 import click
 import torch
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..cli import (
+    ATOL_HELP,
+    RTOL_HELP,
+    TOLERANCE,
+    emit,
+    handle_errors,
+    input_options,
+    model_options,
+    output_options,
+)
 from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.inputs import resolve_inputs
 from ..io.loading import LoadedModel, load_model
-from ..io.saving import default_output_path, save_module, write_atomically
+from ..io.saving import (
+    check_output_path,
+    default_output_path,
+    save_module,
+    write_atomically,
+)
 from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.fold_batchnorm_exported import fold_batchnorm_exported
 from ..passes.fold_norm_affine import fold_norm_affines
 from ..report import Report
 
 
-@click.command()
+@click.command(short_help="Fold BatchNorm into neighbouring conv/linear layers.")
 @model_options
 @input_options
-@output_options
+@output_options(default="MODEL.folded.pt beside MODEL")
 @click.option("--eval", "set_eval", is_flag=True,
               help="Put a model saved in training mode into eval mode first (folding computes its test-time behaviour).")
 @click.option("--to-affine", is_flag=True,
@@ -31,8 +45,8 @@ from ..report import Report
                    "read them, leaving parameter-free norms.")
 @click.option("--allow-default-stats", is_flag=True,
               help="Fold BatchNorms whose running stats were never updated (mean 0, var 1).")
-@click.option("--atol", type=float, help="Absolute tolerance of the check (default by dtype; fp32: 1e-5).")
-@click.option("--rtol", type=float, help="Tolerance relative to max|output| (default by dtype; fp32: 1e-4).")
+@click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
+@click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @handle_errors
 def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
          input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
@@ -41,14 +55,17 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     """Fold BatchNorm running statistics into the neighbouring conv/linear layers.
 
     Writes MODEL.folded.pt (a pickled module of the model's own class, folded BNs replaced by
-    nn.Identity) and exits 0 only when the folded model matches the original on the example inputs.
+    nn.Identity; a .pt2 gives MODEL.folded.pt2) and exits 0 only when the folded model matches
+    the original on the example inputs.
 
     \b
-    Example:
+    Examples:
       normsurgeon fold models/examples/resnet18.pt --input-shape 1,3,32,32
+      normsurgeon fold model.pt --inputs batch.pt --json
+      normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
     """
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    out_path = output or default_output_path(model_path, "folded")
+    out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=[model_path])
     if loaded.form == "exported_program":
         if affine:
             raise UsageError(f"{model_path}: --affine needs an nn.Module; a .pt2 ExportedProgram has no layers to edit")

@@ -12,7 +12,7 @@ from ..cli import handle_errors, input_options, model_options
 from ..errors import UsageError
 
 
-@click.command()
+@click.command(short_help="List norm layers, what can be done with them, and hazards.")
 @model_options
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors
+from ..cli import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors
+from ..errors import UsageError
 from ..io.inputs import parse_input_shape
-from ..io.saving import default_output_path
+from ..io.saving import check_output_path, default_output_path
 
 
-@click.command()
-@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the result (default: MODEL.opt.onnx beside the input).")
+@click.command(short_help="Fold BatchNorm and fuse norms in an existing .onnx file.")
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE",
+              help="Where to write the result (default: MODEL.opt.onnx beside MODEL.onnx).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
-              help="Concrete shape for each graph input, in order, where the model has symbolic dims "
-                   "(e.g. 1,3,224,224). The dtype comes from the model.")
-@click.option("--atol", type=float, help="Absolute tolerance of the check (default by dtype; fp32: 1e-5).")
-@click.option("--rtol", type=float, help="Tolerance relative to max|output| (default by dtype; fp32: 1e-4).")
+              help="Concrete shape of each graph input, in order (repeat the option), for models with "
+                   "symbolic dims, e.g. 1,3,224,224. No dtype: it comes from the model.")
+@click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
+@click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
@@ -34,15 +35,27 @@ def optimize(onnx_path: Path, output: Path | None, input_shapes: tuple[str, ...]
     random inputs and written only when it matches.
 
     \b
-    Example:
-      normsurgeon optimize model.onnx -o model.opt.onnx --input-shape 1,3,224,224
+    Examples:
+      normsurgeon optimize resnet18.onnx                  # static shapes: writes resnet18.opt.onnx
+      normsurgeon optimize model.onnx -o model.opt.onnx --input-shape 1,3,224,224  # symbolic dims
     """
     from ..onnx.optimize import optimize_onnx
 
-    shapes = [parse_input_shape(spec).shape for spec in input_shapes]
-    out_path = output or default_output_path(onnx_path, "opt")
+    shapes = [_shape(spec) for spec in input_shapes]
+    out_path = check_output_path(output or default_output_path(onnx_path, "opt"), force=force, protect=[onnx_path])
     report = optimize_onnx(onnx_path, out_path, input_shapes=shapes, atol=atol, rtol=rtol, force=force)
     ops_after = report.facts.get("ops_after", {})
     facts = {"model": str(onnx_path), "output": str(out_path),
              "BatchNormalization left": str(ops_after.get("BatchNormalization", 0))}
     emit(report, as_json=as_json, title="normsurgeon optimize", facts=facts, extra={"output": str(out_path)})
+
+
+def _shape(spec: str) -> tuple[int, ...]:
+    """A shape without dtype: optimize feeds each input in the dtype the .onnx declares."""
+    shape_text, colon, dtype = spec.partition(":")
+    if colon:
+        raise UsageError(
+            f"bad --input-shape {spec!r}: optimize takes the dtype from the model, not from ':{dtype}'; "
+            f"give the shape only, e.g. --input-shape {shape_text}"
+        )
+    return parse_input_shape(spec).shape

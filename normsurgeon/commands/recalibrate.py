@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -10,13 +11,15 @@ from ..cli import emit, handle_errors, model_options, output_options
 from ..errors import UsageError
 
 
-@click.command()
+@click.command(short_help="Recompute BatchNorm running statistics from data.")
 @model_options
-@output_options
+@output_options(default="MODEL.recalibrated.pt beside MODEL")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), metavar="FILE|DIR",
               help="Calibration batches: a .pt (tensor, tuple, list of batches, dict) or .npz file, or a folder of them.")
-@click.option("--batches", type=click.IntRange(min=1), help="Use at most N batches (default: all but one, held out for the check).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Re-batch the data into batches of B samples first.")
+@click.option("--batches", type=click.IntRange(min=1), metavar="N",
+              help="Use at most N batches (default: all but one, held out for the check).")
+@click.option("--batch-size", type=click.IntRange(min=1), metavar="B",
+              help="Re-batch the data into batches of B samples first.")
 @handle_errors
 def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
                 output: Path | None, force: bool, as_json: bool, verbose: bool, data_path: Path,
@@ -33,16 +36,23 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
       normsurgeon recalibrate averaged.pt --data calib.pt --batch-size 64
     """
     from ..io.loading import load_model
-    from ..io.saving import default_output_path, save_module, save_state_dict
+    from ..io.saving import (
+        check_output_path,
+        default_output_path,
+        save_module,
+        save_state_dict,
+    )
     from ..passes.recalibrate import recalibrate as run_recalibration
 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
+    out_path = check_output_path(output or default_output_path(model_path, "recalibrated"), force=force,
+                                 protect=[model_path, data_path])
+    # A progress bar only on a terminal: elsewhere it leaves a blank line on stderr.
     report = run_recalibration(loaded.model, data_path, batches=batches, batch_size=batch_size,
-                               progress=True, trust_pickle=trust_pickle)
+                               progress=sys.stderr.isatty(), trust_pickle=trust_pickle)
     report.notes[:0] = list(loaded.notes)
-    out_path = output or default_output_path(model_path, "recalibrated")
     if loaded.form == "state_dict+factory":
         save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path, data_path])
         out_form = "state_dict"

@@ -10,13 +10,13 @@ import click
 import torch
 
 from ..cli import emit, handle_errors, input_options, model_options, output_options
-from ..errors import LoadError, UsageError
+from ..errors import LoadError, PreconditionError, UsageError
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
                      "convtranspose1d, convtranspose2d, convtranspose3d, linear.")
 
 
-@click.group()
+@click.group(short_help="Apply weight norm, or bake it into plain weights.")
 def weightnorm() -> None:
     """Apply weight normalization (w = g·v/‖v‖) to a model, or remove it again.
 
@@ -28,10 +28,10 @@ def weightnorm() -> None:
     """
 
 
-@weightnorm.command("apply")
+@weightnorm.command("apply", short_help="Weight-norm conv/linear layers; writes a state_dict.")
 @model_options
 @input_options
-@output_options
+@output_options(default="MODEL.weightnorm.pt beside MODEL (a state_dict)")
 @click.option("--init-data", type=click.Path(path_type=Path), metavar="FILE|DIR",
               help="Data for the data-dependent init (Salimans & Kingma 2016): a .pt/.npz tensor file or a folder of them.")
 @click.option("--mean-only-bn", is_flag=True,
@@ -47,37 +47,57 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
     torch cannot pickle a weight-normed module, so the output (MODEL.weightnorm.pt) is a
     state_dict; the report says how to load it. Without --init-data the model computes exactly
     what it did, checked on the example inputs (or layer by layer without them).
+
+    \b
+    Examples:
+      normsurgeon weightnorm apply model.pt --input-shape 8,3,32,32
+      normsurgeon weightnorm apply model.pt --init-data batch.pt --input-shape 8,3,32,32
+      normsurgeon weightnorm apply model.pt --layer-type conv2d --layer-type linear
     """
-    from ..io.saving import default_output_path, save_state_dict
-    from ..passes.weight_norm import SUPPORTED_LAYER_TYPES, apply_weight_norm, resolve_layer_types
+    from ..io.saving import check_output_path, default_output_path, save_state_dict
+    from ..passes.weight_norm import (
+        SUPPORTED_LAYER_TYPES,
+        apply_weight_norm,
+        resolve_layer_types,
+    )
 
     types = resolve_layer_types(layer_types or SUPPORTED_LAYER_TYPES)
     model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
+    out_path = check_output_path(output or default_output_path(model_path, "weightnorm"), force=force, protect=[model_path])
     report = apply_weight_norm(model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
                                example_inputs=inputs.args if inputs else None, trust_pickle=trust_pickle)
     report.notes[:0] = notes + ([inputs.description] if inputs else [])
-    out_path = output or default_output_path(model_path, "weightnorm")
     save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path])
     facts = {"model": f"{model_path} ({form})", "output": f"{out_path} (state_dict)"}
     emit(report, as_json=as_json, title="normsurgeon weightnorm apply", facts=facts,
          extra={"output": str(out_path), "output_form": "state_dict"})
 
 
-@weightnorm.command("remove")
+@weightnorm.command("remove", short_help="Bake weight norm into plain weights.")
 @model_options
 @input_options
-@output_options
+@output_options(default="MODEL.plain.pt beside MODEL")
 @handle_errors
 def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
            input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
            as_json: bool, verbose: bool) -> None:
     """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
 
-    A bare state_dict (no --factory) is rewritten into plain ``…weight`` keys that load into
-    the architecture built without weight norm. With --factory, or for a pickled module, the
-    output is a plain, picklable module. Writes MODEL.plain.pt.
+    A bare state_dict (no --factory) is rewritten into plain '<layer>.weight' keys that load
+    into the architecture built without weight norm. With --factory, or for a pickled module,
+    the output is a plain, picklable module. Writes MODEL.plain.pt.
+
+    \b
+    Examples:
+      normsurgeon weightnorm remove generator.pt                  # a bare state_dict: plain keys out
+      normsurgeon weightnorm remove ckpt.pt --factory mymodels:build_generator
     """
-    from ..io.saving import default_output_path, save_module, save_state_dict
+    from ..io.saving import (
+        check_output_path,
+        default_output_path,
+        save_module,
+        save_state_dict,
+    )
     from ..passes.weight_norm import remove_weight_norm
 
     out_path = output or default_output_path(model_path, "plain")
@@ -87,10 +107,12 @@ def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
             raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
         report = remove_weight_norm(state_dict)
         _require_changes(report, model_path)
+        check_output_path(out_path, force=force, protect=[model_path])
         save_state_dict(report.model, out_path, force=force, protect=[model_path])
         form, out_form = "state_dict", "state_dict"
     else:
         model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
+        check_output_path(out_path, force=force, protect=[model_path])
         report = remove_weight_norm(model, example_inputs=inputs.args if inputs else None)
         report.notes[:0] = notes + ([inputs.description] if inputs else [])
         _require_changes(report, model_path)
@@ -136,4 +158,7 @@ def _refuse_exported(form: str, path: Path) -> None:
 
 def _require_changes(report: Any, path: Path) -> None:
     if not report.changes:
-        raise UsageError(f"{path}: has no weight-normed layer (no parametrizations.*.original0/1 or *_g/*_v); nothing to remove")
+        raise PreconditionError(
+            f"{path}: has no weight-normed layer (no parametrizations.*.original0/1 or *_g/*_v weights), "
+            "so there is nothing to remove; use the file as it is"
+        )

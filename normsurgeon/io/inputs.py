@@ -45,17 +45,20 @@ class ExampleInputs:
 
 
 def parse_input_shape(spec: str) -> InputSpec:
-    """Parse ``1,3,224,224`` or ``1,16:int64``."""
+    """Parse ``1,3,224,224`` (or ``1x3x224x224``) or ``1,16:int64``; every dim must be given."""
     shape_text, _, dtype_text = spec.partition(":")
-    try:
-        shape = tuple(int(d) for d in shape_text.replace("x", ",").split(",") if d.strip())
+    try:  # an empty dim ('1,,3', '1,x', a trailing comma) is an error, not silently dropped
+        shape = tuple(int(d) for d in shape_text.replace("x", ",").split(","))
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"bad --input-shape {spec!r}: expected positive integers like 1,3,224,224 (optionally :int64)")
+        raise UsageError(
+            f"bad --input-shape {spec!r}: every dim must be a positive integer; give the full shape, e.g. "
+            "1,3,224,224, or 1,16:int64 for integer ids"
+        )
     dtype_name = dtype_text.strip().lower() or "float32"
     if dtype_name not in _DTYPES:
-        raise UsageError(f"bad dtype {dtype_name!r} in --input-shape {spec!r}: use one of {', '.join(sorted(_DTYPES))}")
+        raise UsageError(f"bad dtype {dtype_name!r} in --input-shape {spec!r}; use one of {', '.join(sorted(_DTYPES))}")
     return InputSpec(shape, _DTYPES[dtype_name])
 
 

@@ -32,6 +32,7 @@ from normsurgeon.errors import LoadError, UsageError
 
 from .pickle_safety import (
     EXPECTED_FORMS,
+    TENSOR_FORMS,
     TRUST_FLAG,
     check_file,
     check_pickle,
@@ -92,18 +93,15 @@ def load_tensors(path: str | Path, *, trust_pickle: bool = False) -> Any:
     reference a module; a file without any tensor is an error rather than a silent no-op.
     """
     path = Path(path)
-    check_file(path)
-    if _sniff(path) == "pt2":
+    check_file(path, expected=TENSOR_FORMS)
+    if _sniff(path, expected=TENSOR_FORMS) == "pt2":
         raise LoadError(
             f"{path}: is a torch.export program, not a tensor file; pass a .pt written with "
             "torch.save(tensor), torch.save((x, y)) or torch.save({'x': x})"
         )
     obj = _torch_load(path, trust_pickle=trust_pickle, allow_classes=False)
     if not _contains_tensor(obj):
-        raise LoadError(
-            f"{path}: holds {_describe(obj)} and no tensor; --inputs expects a tensor, or a "
-            "tuple/list/dict of tensors saved with torch.save"
-        )
+        raise LoadError(f"{path}: holds {_describe(obj)} and no tensor; {TENSOR_FORMS}")
     return obj
 
 
@@ -137,18 +135,18 @@ def import_callable(spec: str, *, import_paths: Sequence[str | Path] = ()) -> Ca
 # --------------------------------------------------------------------------- file kinds
 
 
-def _sniff(path: Path) -> Literal["pt2", "torch_zip", "pickle"]:
+def _sniff(path: Path, *, expected: str = EXPECTED_FORMS) -> Literal["pt2", "torch_zip", "pickle"]:
     """Tell a .pt2 archive, a torch.save zip and a legacy pickle apart from their bytes."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK"):
-        return _sniff_zip(path)
+        return _sniff_zip(path, expected=expected)
     if head[:1] == b"\x80":
         return "pickle"
-    raise LoadError(f"{path}: not a torch.save or torch.export file ({_describe_bytes(head)}); {EXPECTED_FORMS}")
+    raise LoadError(f"{path}: not a torch.save or torch.export file ({_describe_bytes(head)}); {expected}")
 
 
-def _sniff_zip(path: Path) -> Literal["pt2", "torch_zip"]:
+def _sniff_zip(path: Path, *, expected: str = EXPECTED_FORMS) -> Literal["pt2", "torch_zip"]:
     """A .pt2 archive or a torch.save zip; TorchScript and other zips are errors."""
     try:
         with zipfile.ZipFile(path) as zf:
@@ -165,7 +163,7 @@ def _sniff_zip(path: Path) -> Literal["pt2", "torch_zip"]:
             "torch.save(model) or torch.export.save"
         )
     if not any(n.endswith("data.pkl") for n in names):
-        raise LoadError(f"{path}: a zip archive without data.pkl, not a torch.save file; {EXPECTED_FORMS}")
+        raise LoadError(f"{path}: a zip archive without data.pkl, not a torch.save file; {expected}")
     return "torch_zip"
 
 
@@ -234,13 +232,16 @@ def _import_for_factory(module_name: str) -> types.ModuleType:
 
 def _torch_load(path: Path, *, trust_pickle: bool, allow_classes: bool) -> Any:
     """torch.load after the safety scan (weights-only), or plainly when the user trusts the file."""
+    expected = EXPECTED_FORMS if allow_classes else TENSOR_FORMS
     if trust_pickle:
-        return _call_torch_load(path, weights_only=False, safe=[])
+        return _call_torch_load(path, weights_only=False, safe=[], expected=expected)
     safe = check_pickle(path, allow_classes=allow_classes)
-    return _call_torch_load(path, weights_only=True, safe=safe)
+    return _call_torch_load(path, weights_only=True, safe=safe, expected=expected)
 
 
-def _call_torch_load(path: Path, *, weights_only: bool, safe: list[tuple[Any, str]]) -> Any:
+def _call_torch_load(
+    path: Path, *, weights_only: bool, safe: list[tuple[Any, str]], expected: str = EXPECTED_FORMS
+) -> Any:
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, weights_only=weights_only, map_location="cpu")
@@ -254,7 +255,7 @@ def _call_torch_load(path: Path, *, weights_only: bool, safe: list[tuple[Any, st
         raise LoadError(f"{path}: the weights-only loader rejected it ({one_line(exc, 160)}); {hint}") from exc
     except Exception as exc:
         raise LoadError(
-            f"{path}: torch.load failed ({type(exc).__name__}: {one_line(exc, 160)}); {EXPECTED_FORMS}"
+            f"{path}: torch.load failed ({type(exc).__name__}: {one_line(exc, 160)}); {expected}"
         ) from exc
 
 

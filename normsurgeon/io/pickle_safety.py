@@ -52,6 +52,7 @@ EXPECTED_FORMS = (
     "expected a pickled nn.Module (torch.save(model)), a state_dict with --factory "
     "module:callable, or a .pt2 from torch.export.save"
 )
+TENSOR_FORMS = "expected a tensor, or a tuple/list/dict of tensors, saved with torch.save"
 _MAX_LISTED = 6
 
 
@@ -71,14 +72,18 @@ def listing(items: Sequence[str]) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
-def check_file(path: Path) -> None:
-    """Raise a clear LoadError for a missing, directory or empty file before anything reads it."""
+def check_file(path: Path, *, expected: str = EXPECTED_FORMS) -> None:
+    """Raise a clear LoadError for a missing, directory or empty file before anything reads it.
+
+    ``expected`` says what the file should hold (a model by default; TENSOR_FORMS for inputs).
+    """
     if not path.exists():
         raise LoadError(f"{path}: no such file; check the path")
     if path.is_dir():
-        raise LoadError(f"{path}: is a directory, not a model file; pass the .pt or .pt2 file itself")
+        fix = "pass the .pt or .pt2 file itself" if expected == EXPECTED_FORMS else "pass the .pt file itself"
+        raise LoadError(f"{path}: is a directory, not a file; {fix}")
     if path.stat().st_size == 0:
-        raise LoadError(f"{path}: file is empty; {EXPECTED_FORMS}")
+        raise LoadError(f"{path}: file is empty; {expected}")
 
 
 # --------------------------------------------------------------------------- entry points
@@ -114,7 +119,7 @@ def check_pickle(path: Path, *, allow_classes: bool) -> list[tuple[Any, str]]:
         what = "not torch types or nn.Module classes" if allow_classes else "not tensors or torch types"
         raise refusal(path, verdict.refused, what)
     if scan.problem:
-        raise LoadError(scan.problem)
+        raise LoadError(scan.problem if allow_classes else scan.problem.replace(EXPECTED_FORMS, TENSOR_FORMS))
     raise_for_missing(path, verdict.missing)
     return [(obj, key) for key, obj in verdict.accepted.items()]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,13 +42,15 @@ def write_atomically(
 
     Refuses (OutputError) to write over any of ``protect`` (the input, even with ``force``), over
     an existing file without ``force``, or into a missing or read-only directory. On any
-    exception, KeyboardInterrupt included, the temp file is removed and ``path`` is untouched.
+    exception, KeyboardInterrupt included, the temp file is removed and ``path`` is untouched
+    (or, for an interrupt that lands after the rename, is the complete new file).
     """
-    path = Path(path)
-    _refuse_protected(path, protect)
-    _check_target(path, force=force)
-    tmp = _make_temp(path)
+    path = check_output_path(path, force=force, protect=protect)
+    # The temp file's name is chosen before it exists, so that an interrupt at any point after it
+    # is created (even inside the call that creates it) finds it and removes it.
+    tmp = _temp_name(path)
     try:
+        _create(tmp, path)
         write(tmp)
         _fsync(tmp)
         _copy_mode(tmp, path)
@@ -60,6 +62,18 @@ def write_atomically(
             raise OutputError(f"could not write {path}: {_reason(exc)}; check free space and permissions") from exc
         raise
     _fsync_directory(path.parent)
+    return path
+
+
+def check_output_path(path: Path, *, force: bool = False, protect: Sequence[Path] = ()) -> Path:
+    """Raise the OutputError that writing ``path`` would raise, before any slow work is done.
+
+    Commands call it as soon as they know the output path, so a typo in ``-o`` fails in a
+    second, not after the work; :func:`write_atomically` checks again when it writes.
+    """
+    path = Path(path)
+    _refuse_protected(path, protect)
+    _check_target(path, force=force)
     return path
 
 
@@ -146,13 +160,18 @@ def _check_target(path: Path, *, force: bool) -> None:
         raise OutputError(f"{path} exists; pass --force to overwrite")
 
 
-def _make_temp(path: Path) -> Path:
+def _temp_name(path: Path) -> Path:
+    """A dot-file beside ``path`` with 64 random bits in its name (so no other writer picks it)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
+def _create(tmp: Path, path: Path) -> None:
+    """Create ``tmp`` empty and private (0600, like mkstemp); never opens an existing file."""
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {_reason(exc)}; check the directory's permissions") from exc
     os.close(fd)
-    return Path(name)
 
 
 def _fsync(path: Path) -> None:

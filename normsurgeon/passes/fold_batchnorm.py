@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..check import compare_outputs
+from ..check import compare_outputs, rounding_noise
 from ..errors import PreconditionError, VerificationError
 from ..layout import axis_after, axis_before, is_layout_op
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
@@ -31,6 +31,7 @@ from ..report import Change, Report, Skip, SkipReason
 from ..surgery import editable_weight, ensure_bias, replace_module
 from ..trace import Node, Trace, Value, call_model, trace
 
+_NOISE_FACTOR = 4  # a fold may differ from the original by this many times the model's rounding noise
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 _CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -97,9 +98,12 @@ def fold_batchnorm(
         for target in plan.targets:
             side = "producer" if plan.into_producer else "consumer"
             report.changes.append(Change("folded", path, flow.module_paths[target], f"into its {side}"))
+    _note_functional_batchnorm(flow, report)
     with torch.no_grad():
         folded_outputs = call_model(model, example_inputs)
     report.check = compare_outputs(flow.outputs, folded_outputs, atol=atol, rtol=rtol, label="folded vs original")
+    if not report.check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
+        _accept_rounding_noise(model, example_inputs, flow.outputs, folded_outputs, report)
     if raise_on_mismatch and not report.check.passed:
         raise VerificationError(
             f"the folded model differs from the original by {report.check.max_abs_diff:.3g} "
@@ -109,19 +113,81 @@ def fold_batchnorm(
     return report
 
 
+def _note_functional_batchnorm(flow: Trace, report: Report) -> None:
+    """Say so when BN ran as a function: the trace sees ``batch_norm()``, not a module, and folds nothing there."""
+    calls = sum(node.kind == "function" and node.name == "batch_norm" for node in flow.nodes)
+    if calls:
+        report.notes.append(
+            f"batch_norm() ran {calls} time(s) outside a BatchNorm module call (F.batch_norm in the model's code, "
+            "or a BatchNorm's forward() called directly): only BatchNorm modules are folded, those calls stay"
+        )
+
+
+def _accept_rounding_noise(model: nn.Module, example_inputs: tuple | dict, reference: Any, folded: Any,
+                           report: Report) -> None:
+    """Pass a failed check when the difference is within the model's own float32 rounding noise.
+
+    Deep nets amplify the one-ulp changes a fold makes to each weight (ResNet-152: 4e-4 relative
+    for a fold exact to 7e-13 in float64). The folded model's distance from itself run in float64
+    measures that amplification; a wrong fold is orders of magnitude above it.
+    """
+    noise = rounding_noise(model, example_inputs, folded)
+    if noise is None:
+        return
+    first = report.check
+    check = compare_outputs(reference, folded, atol=max(first.atol, _NOISE_FACTOR * noise), rtol=first.rtol,
+                            label=f"folded vs original (atol raised to {_NOISE_FACTOR}x the rounding noise)")
+    if check.passed:
+        report.check = check
+        report.notes.append(
+            f"the default tolerance was exceeded ({first.max_abs_diff:.3g}), but this model's own float32 rounding "
+            f"noise is {noise:.3g} (its outputs vs the same model in float64): accepted as rounding"
+        )
+
+
 def _batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if is_batchnorm_like(m)]
 
 
 def _shared_tensor_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters a fold must not edit in place: one registered twice (tied weights), or
+    one whose memory another parameter or buffer also uses (``nn.Parameter(conv.weight.view(...))``,
+    a state_dict saved with views): editing it would silently change the other too."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    shared = {key for key, count in seen.items() if count > 1}
+    by_storage: dict[tuple, list[torch.Tensor]] = {}
+    for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values():
+        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and not t.is_meta and t.numel():
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(t)
+    for tensors in by_storage.values():
+        for i, a in enumerate(tensors):
+            for b in tensors[i + 1:]:
+                if _overlap(a, b):
+                    shared.update((id(a), id(b)))
+    return shared
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors on the same storage touch some of the same bytes."""
+    def extent(t: torch.Tensor) -> tuple[int, int]:
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
 
 
 def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: bool) -> FoldPlan:
     calls = flow.calls_of(norm)
+    # Checked before NOT_CALLED: a BN whose stats only ``F.batch_norm`` reads (or whose forward() is
+    # called directly, bypassing the hooks the trace records calls with) did run, just not as a module.
+    outside = [n for t in (*norm.parameters(), *norm.buffers()) for n in flow.uses_outside(t)]
+    if outside:
+        names = ", ".join(sorted({f"{n.name}()" for n in outside}))
+        raise Refused(SkipReason.FUNCTIONAL_USE, f"its tensors are read by {names} outside a call of the module "
+                      "(a functional call, or its forward() called directly)")
     if not calls:
         raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
     first_input = flow.data_input(calls[0])
@@ -131,8 +197,6 @@ def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: b
         raise Refused(reason.reason, reason.detail) from None
     if never_updated(norm, stats) and not allow_default_stats:
         raise Refused(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
-    if any(flow.uses_outside(t) for t in norm.parameters()) or any(flow.uses_outside(t) for t in norm.buffers()):
-        raise Refused(SkipReason.FUNCTIONAL_USE, "its tensors are read by code outside it")
     reasons = []
     for planner in (_producer_targets, _consumer_targets):
         try:

@@ -86,10 +86,11 @@ def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.M
         raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"a {info.kind.spec.title} over {info.describe_normalized()} "
                       "does not scale the input features of a linear layer")
     calls = flow.calls_of(info.module)
-    if not calls:
-        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+    # Before NOT_CALLED: a norm whose weight only F.layer_norm / F.rms_norm reads did run, as a function.
     if any(flow.uses_outside(t) for t in (info.weight, info.bias) if t is not None):
         raise Refused(SkipReason.FUNCTIONAL_USE, "its weight or bias is read by code outside it")
+    if not calls:
+        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
     reads: dict[nn.Module, int] = {}
     for call in calls:
         if not call.outputs:

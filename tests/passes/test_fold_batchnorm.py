@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from normsurgeon import PreconditionError, SkipReason, fold_batchnorm
+from normsurgeon import PreconditionError, SkipReason, VerificationError, fold_batchnorm
 from tests.helpers import give_realistic_stats
 
 
@@ -353,3 +353,35 @@ def test_keyword_inputs_are_supported():
     model = give_realistic_stats(Keyword(), x)
     report = fold_batchnorm(model, {"pixel_values": x})
     assert report.check.outputs[0].name == "output.out" and len(report.changes) == 1
+
+
+def test_a_fold_within_the_models_own_rounding_noise_passes_with_a_note(monkeypatch):
+    """Deep nets amplify one-ulp weight changes past the default tolerance; that is rounding."""
+    import normsurgeon.check as check_module
+
+    monkeypatch.setitem(check_module.TOLERANCES, torch.float32, (1e-12, 0.0))  # any fp32 rounding fails
+    x = torch.randn(2, 3, 8, 8)
+    model = give_realistic_stats(Seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)), x)
+    report = fold_batchnorm(model, (x,))
+    assert report.check.passed and "rounding noise" in report.check.label
+    assert any("accepted as rounding" in note for note in report.notes)
+    with pytest.raises(VerificationError):  # tolerances the user gives are kept as given
+        fold_batchnorm(give_realistic_stats(Seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), x), (x,), atol=1e-12, rtol=0.0)
+
+
+def test_a_wrong_fold_is_not_excused_as_rounding_noise(monkeypatch):
+    import normsurgeon.passes.fold_batchnorm as fold_module
+
+    real_apply = fold_module._apply
+
+    def off_by_a_percent(plan):
+        real_apply(plan)
+        with torch.no_grad():
+            for target in plan.targets:
+                target.weight.mul_(1.01)
+
+    monkeypatch.setattr(fold_module, "_apply", off_by_a_percent)
+    x = torch.randn(2, 3, 8, 8)
+    model = give_realistic_stats(Seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), x)
+    report = fold_batchnorm(model, (x,), raise_on_mismatch=False)
+    assert not report.check.passed and report.check.label == "folded vs original"
