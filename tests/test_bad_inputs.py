@@ -253,10 +253,10 @@ IS_DIR = Problem(8, "cannot write adir: it is a directory", "pass a file path wi
 UNDER_FILE = Problem(8, "file.txt is not a directory", "choose another path with -o")
 EXISTS = Problem(8, "out.pt exists", "pass --force to overwrite")
 IS_INPUT = Problem(8, "it is the input file", "choose another output path with -o")
-_ONNX_GAP = "normsurgeon/onnx/runtime.py: the message names no fix (e.g. '; re-export the model')"
-ONNX_MISSING = Problem(3, "no such file", "check the path", missing_fix=_ONNX_GAP)
-ONNX_UNREADABLE = Problem(3, "not a readable ONNX model", "re-export", missing_fix=_ONNX_GAP)
-ORT_UNREADABLE = Problem(3, "onnxruntime cannot load it", "re-export", missing_fix=_ONNX_GAP)
+ONNX_MISSING = Problem(3, "no such file", "check the path")
+ONNX_FOLDER = Problem(3, "is a directory, not an .onnx file", "pass the .onnx file itself")
+ONNX_UNREADABLE = Problem(3, "not a readable ONNX model", "re-export")
+ORT_UNREADABLE = Problem(3, "onnxruntime cannot load it", "re-export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +323,7 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
                 "missing": ("missing.onnx", ONNX_MISSING), "empty": ("empty.pt", ONNX_UNREADABLE),
                 "truncated": ("truncated.onnx", ONNX_UNREADABLE), "text": ("notes.txt", ONNX_UNREADABLE),
                 "jpeg": ("photo.jpg", ONNX_UNREADABLE), "torch-pickle": ("model.pt", ONNX_UNREADABLE),
-                "malicious-pickle": ("evil.pt", ONNX_UNREADABLE), "folder": ("adir", ONNX_MISSING),
+                "malicious-pickle": ("evil.pt", ONNX_UNREADABLE), "folder": ("adir", ONNX_FOLDER),
             }
             for case, (model, expect) in onnx_models.items():
                 yield Case(f"{name}-{case}", command.args(model), expect)
@@ -352,20 +352,10 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
                Problem(2, "bad --input-shape '1,x': every dim must be a positive integer", "give the full shape"))
     yield Case("fold-malicious-inputs-file", ["fold", "model.pt", "--inputs", "evil.pt"],
                Problem(4, "refusing to unpickle: it references os.system", "--trust-pickle if you trust this file"))
-    yield pytest.param(
-        Case("weightnorm-remove-wrong-channels", ["weightnorm", "remove", "wn.pt", "--input-shape", "1,5,32,32"],
-             WRONG_SHAPE),
-        marks=pytest.mark.xfail(strict=True, reason="bug: passes/weight_norm.py _remove_from_module calls the "
-                                                    "model unguarded; a traceback instead of one error line"),
-        id="weightnorm-remove-wrong-channels",
-    )
-    yield pytest.param(
-        Case("optimize-wrong-channels", ["optimize", "net.onnx", "--input-shape", "1,5,32,32"],
-             Problem(2, "1,5,32,32", "--input-shape")),
-        marks=pytest.mark.xfail(strict=True, reason="bug: onnx/optimize.py runs onnxruntime on the given shapes "
-                                                    "unchecked; a traceback instead of one error line"),
-        id="optimize-wrong-channels",
-    )
+    yield Case("weightnorm-remove-wrong-channels", ["weightnorm", "remove", "wn.pt", "--input-shape", "1,5,32,32"],
+               WRONG_SHAPE)
+    yield Case("optimize-wrong-channels", ["optimize", "net.onnx", "--input-shape", "1,5,32,32"],
+               Problem(2, "1,5,32,32", "--input-shape"))
     yield Case("optimize-int64-input", ["optimize", "net.onnx", "--input-shape", f"{SHAPE}:int64"],
                Problem(2, "optimize takes the dtype from the model", "give the shape only"))
     yield Case("recalibrate-data-wrong-channels", ["recalibrate", "model.pt", "--data", "calib5.pt"],

@@ -34,7 +34,7 @@ import torch
 from onnxscript.rewriter import pattern
 
 from ..check import compare_outputs
-from ..errors import LoadError, OutputError, VerificationError
+from ..errors import LoadError, OutputError, UsageError, VerificationError
 from ..io.saving import write_atomically
 from ..report import Check, Report, Skip, SkipReason
 from . import runtime
@@ -256,7 +256,17 @@ def compare_in_onnxruntime(
     in_path: Path, data: bytes, feeds: dict[str, np.ndarray], *, atol: float | None, rtol: float | None
 ) -> Check:
     """Run the input file and the optimized bytes in onnxruntime CPU on ``feeds``; compare outputs."""
-    reference = runtime.run(runtime.session(in_path), feeds)
+    try:
+        reference = runtime.run(runtime.session(in_path), feeds)
+    except LoadError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types: the given shapes do not fit the model
+        shapes = "; ".join(",".join(map(str, array.shape)) for array in feeds.values())
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"inputs of shape {shapes} do not fit {in_path.name} in onnxruntime ({first}); "
+            "pass --input-shape with the shape the model expects"
+        ) from exc
     with tempfile.TemporaryDirectory(prefix="normsurgeon-") as tmp:
         path = Path(tmp) / "optimized.onnx"
         path.write_bytes(data)

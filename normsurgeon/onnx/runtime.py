@@ -49,7 +49,8 @@ def session(path: str | Path, provider: str = "cpu", *, optimize: bool = True) -
         return ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"{path}: onnxruntime cannot load it ({first})") from exc
+        raise LoadError(f"{path}: onnxruntime cannot load it ({first}); re-export the model, e.g. with "
+                        "normsurgeon export (default opset 23)") from exc
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
@@ -61,14 +62,18 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[tuple[
 def load_onnx(path: str | Path) -> onnx.ModelProto:
     """Read an .onnx file (and its external data), or a LoadError naming what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"{path}: is a directory, not an .onnx file; pass the .onnx file itself")
     if not path.is_file():
-        raise LoadError(f"{path}: no such file")
+        raise LoadError(f"{path}: no such file; check the path")
     try:
         model = onnx.load(str(path))
     except Exception as exc:
-        raise LoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?") from exc
+        raise LoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}); re-export it, or check "
+                        "that the file is complete and is an .onnx model") from exc
     if not model.graph.node and not model.graph.output:
-        raise LoadError(f"{path}: not a readable ONNX model (empty graph); is the file truncated?")
+        raise LoadError(f"{path}: not a readable ONNX model (empty graph); re-export it, or check that the file is "
+                        "complete")
     return model
 
 

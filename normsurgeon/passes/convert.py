@@ -225,7 +225,7 @@ def _exact_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, at
         raise VerificationError(
             f"the converted model differs from the original by {check.max_abs_diff:.3g} "
             f"(tolerance {check.atol:g} + {check.rtol:g}*max|output|); please report this model "
-            "— the model was changed in place, reload it"
+            "— in Python the model was changed in place (reload it); no file was written"
         )
     return check
 

@@ -108,7 +108,7 @@ def fold_batchnorm(
         raise VerificationError(
             f"the folded model differs from the original by {report.check.max_abs_diff:.3g} "
             f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); "
-            "please report this model — the model was changed in place, reload it"
+            "please report this model — in Python the model was changed in place (reload it); no file was written"
         )
     return report
 

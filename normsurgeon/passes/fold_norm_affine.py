@@ -73,7 +73,7 @@ def fold_norm_affines(
         raise VerificationError(
             f"the model with folded norm affines differs from the original by {report.check.max_abs_diff:.3g} "
             f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); please report this model "
-            "— the model was changed in place, reload it"
+            "— in Python the model was changed in place (reload it); no file was written"
         )
     return report
 

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize, parametrizations
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..check import compare_outputs
-from ..errors import UsageError, VerificationError
+from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.data import Batch, check_fits, load_batches, to_model
 from ..report import Change, Report, Skip, SkipReason
 from ..trace import Trace, call_model, trace
@@ -152,7 +152,7 @@ def apply_weight_norm(
     if raise_on_mismatch and not report.check.passed:
         raise VerificationError(
             f"the weight-normed model differs from the original by {report.check.max_abs_diff:.3g}; "
-            "please report this model — it was changed in place, reload it"
+            "please report this model — in Python the model was changed in place (reload it); no file was written"
         )
     if mean_only_bn:
         replace_batchnorms(model, flow, {m for _, m in normed}, inputs, report)
@@ -302,8 +302,14 @@ def _remove_from_module(model: nn.Module, inputs: Any, atol: float | None, rtol:
     report = Report("weightnorm remove", model=model)
     reference = None
     if inputs is not None:
-        with eval_mode(model), torch.no_grad():
-            reference = call_model(model, inputs)
+        try:
+            with eval_mode(model), torch.no_grad():
+                reference = call_model(model, inputs)
+        except Exception as exc:  # the user's model failed on the user's inputs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise PreconditionError(
+                f"the model failed on the example inputs ({type(exc).__name__}: {first}); check --input-shape/--inputs"
+            ) from exc
     before, after = {}, {}
     for path, module in list(model.named_modules()):
         for name, style, dim in weight_norm_sites(module):
