@@ -24,13 +24,9 @@ there shows up as an extra (NCHWc depthwise) Conv, not as a BatchNormalization.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
-import io
-import logging
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +39,7 @@ import torch
 from benchmarks.subjects import Subject, flat_outputs, norm_free_limit, with_zero_biases
 from benchmarks.timing import interleaved
 from normsurgeon import fold_batchnorm
-from normsurgeon.onnx.export import export_onnx
+from normsurgeon.onnx.export import export_onnx, quiet
 from normsurgeon.onnx.optimize import optimize_onnx
 
 VARIANTS = (
@@ -51,23 +47,6 @@ VARIANTS = (
     "ns_export", "ns_optimize", "limit_bias", "limit_again", "limit",
 )
 CONV_OPS = ("Conv", "FusedConv", "ConvTranspose")
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporters' prints, warnings and log lines."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "onnxslim")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -211,7 +211,7 @@ def _export(
     dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
     start = time.perf_counter()
     try:
-        with _quiet(verbose):
+        with quiet(verbose):
             program = torch.onnx.export(
                 model, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
                 dynamic_shapes=dynamic_shapes, verbose=verbose, report=False, dump_exported_program=False,
@@ -255,13 +255,13 @@ def _batch_dynamic_shapes(inputs: tuple | dict) -> tuple | dict:
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Hide the exporter's prints, log lines and warnings unless ``verbose``."""
+def quiet(verbose: bool = False) -> Iterator[None]:
+    """Hide the exporters' prints, log lines and warnings unless ``verbose``."""
     if verbose:
         yield
         return
     names = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "torch.utils._sympy",
-             "onnxscript", "onnx_ir")
+             "onnxscript", "onnx_ir", "onnxslim")
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
