@@ -11,15 +11,30 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 
-def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:
-    """Register ``new`` wherever ``old`` is registered in ``model``; returns the paths replaced."""
-    replaced = []
-    for parent_path, parent in list(model.named_modules(remove_duplicate=False)):
-        for name, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[name] = new
-                replaced.append(f"{parent_path}.{name}" if parent_path else name)
-    return replaced
+ParentIndex = dict[int, list[tuple[nn.Module, str, str]]]
+
+
+def module_parents(model: nn.Module) -> ParentIndex:
+    """id(child) -> every (parent, attribute name, path) registering it; build once per pass."""
+    index: ParentIndex = {}
+    for parent_path, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():
+            if child is not None:
+                path = f"{parent_path}.{name}" if parent_path else name
+                index.setdefault(id(child), []).append((parent, name, path))
+    return index
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, parents: ParentIndex | None = None) -> list[str]:
+    """Register ``new`` wherever ``old`` is registered in ``model``; returns the paths replaced.
+
+    Pass ``parents`` (from :func:`module_parents`) when replacing many modules: looking the
+    parents up again for each would walk the whole model once per replacement.
+    """
+    entries = (module_parents(model) if parents is None else parents).get(id(old), [])
+    for parent, name, _ in entries:
+        parent._modules[name] = new
+    return [path for _, _, path in entries]
 
 
 def _hook_weight_norm(module: nn.Module) -> WeightNorm | None:

@@ -28,7 +28,7 @@ from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_chann
 from ..modules import ChannelAffine
 from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import editable_weight, ensure_bias, replace_module
+from ..surgery import ParentIndex, editable_weight, ensure_bias, module_parents, replace_module
 from ..trace import Node, Trace, Value, call_model, trace
 
 _NOISE_FACTOR = 4  # a fold may differ from the original by this many times the model's rounding noise
@@ -84,17 +84,18 @@ def fold_batchnorm(
     report = Report("fold", model=model)
     flow = trace(model, example_inputs)
     shared = _shared_tensor_ids(model)
+    parents = module_parents(model)
     for path, module in _batchnorm_modules(model):
         try:
             plan = _plan(flow, module, shared, allow_default_stats)
         except Refused as refusal:
             if unfoldable == "affine" and refusal.stats is not None:
-                _replace_with_affine(model, module, refusal.stats, report, path)
+                _replace_with_affine(model, module, refusal.stats, report, path, parents)
             else:
                 report.skipped.append(Skip(path, refusal.reason, refusal.detail))
             continue
         _apply(plan)
-        replace_module(model, module, nn.Identity())
+        replace_module(model, module, nn.Identity(), parents)
         for target in plan.targets:
             side = "producer" if plan.into_producer else "consumer"
             report.changes.append(Change("folded", path, flow.module_paths[target], f"into its {side}"))
@@ -343,8 +344,10 @@ def _apply(plan: FoldPlan) -> None:
             bias.copy_(new_bias.to(bias.dtype))
 
 
-def _replace_with_affine(model: nn.Module, norm: nn.Module, stats: BatchNormStats, report: Report, path: str) -> None:
+def _replace_with_affine(
+    model: nn.Module, norm: nn.Module, stats: BatchNormStats, report: Report, path: str, parents: ParentIndex
+) -> None:
     s, t = batchnorm_scale_shift(stats.mean, stats.var, stats.eps, stats.weight, stats.bias)
     dtype = stats.mean.dtype
-    replace_module(model, norm, ChannelAffine(s.to(dtype), t.to(dtype)))
+    replace_module(model, norm, ChannelAffine(s.to(dtype), t.to(dtype)), parents)
     report.changes.append(Change("replaced", path, None, "by a per-channel affine (no foldable neighbour)"))
