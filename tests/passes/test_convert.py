@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import models
@@ -18,44 +17,8 @@ from normsurgeon.passes.convert import convert_norms
 from normsurgeon.recognize import NormKind
 from normsurgeon.report import SkipReason
 from tests.helpers import give_realistic_stats
-
-# ------------------------------------------------------------------------------- transformers, offline
-
-VOCAB = 64
-
-
-def hf_model(name: str) -> nn.Module:
-    """A small randomly initialised transformers model (no download), norm affines randomized, eval mode."""
-    tf = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    text = {"vocab_size": VOCAB}
-    if name == "llama":
-        model = tf.LlamaModel(tf.LlamaConfig(**text, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-    elif name in ("t5", "t5-encoder"):
-        config = tf.T5Config(**text, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
-        model = tf.T5Model(config) if name == "t5" else tf.T5EncoderModel(config)
-    elif name == "convnext":
-        model = tf.ConvNextModel(tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2))
-    elif name == "bert":
-        model = tf.BertModel(tf.BertConfig(**text, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
-    elif name == "gpt2":
-        model = tf.GPT2Model(tf.GPT2Config(**text, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                           bos_token_id=0, eos_token_id=0))
-    else:
-        raise KeyError(name)
-    return randomize_affine(model, torch.Generator().manual_seed(0)).eval()
-
-
-def hf_inputs(name: str, seed: int = 0, batch: int = 2) -> tuple | dict:
-    generator = torch.Generator().manual_seed(seed)
-    if name == "convnext":
-        return (torch.randn(batch, 3, 32, 32, generator=generator),)
-    ids = torch.randint(0, VOCAB, (batch, 8), generator=generator)
-    if name == "t5":
-        return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
-    return (ids,)
+from tests.hf_models import hf_inputs, hf_model
+from tests.norm_zoo import ConvNeXtLayerNorm, FrozenBatchNorm2d, PlainLayerNorm, RMSNorm
 
 
 def _run(model: nn.Module, inputs: tuple | dict):
@@ -75,41 +38,10 @@ def _converted(model: nn.Module, inputs, fresh, **options):
 # ------------------------------------------------------------------------------- hand-written -> native
 
 
-class ConvNeXtLayerNorm(nn.Module):
-    """The original ConvNeXt channels-first LayerNorm, written out."""
-
-    def __init__(self, c: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight, self.bias, self.eps = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) * 0.3), eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + self.eps)) + self.bias[:, None, None]
 
 
-class PlainLayerNorm(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.d = d
-
-    def forward(self, x):
-        return F.layer_norm(x, (self.d,))
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """detectron2 / torchvision FrozenBatchNorm2d."""
-
-    def __init__(self, c: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        for name, value in (("weight", torch.rand(c) + 0.5), ("bias", torch.randn(c)),
-                            ("running_mean", torch.randn(c)), ("running_var", torch.rand(c) + 0.1)):
-            self.register_buffer(name, value)
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(1, -1, 1, 1)
 
 
 def _conv_then(norm: nn.Module) -> nn.Module:
@@ -319,15 +251,6 @@ def test_rmsnorm_to_layernorm_is_approximate():
 # ------------------------------------------------------------------------------- bad input
 
 
-class RMSNorm(nn.Module):
-    """Named like a norm, but divides by the mean absolute value."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
-
-    def forward(self, x):
-        return self.weight * x / (x.abs().mean(-1, keepdim=True) + self.eps)
 
 
 def test_a_look_alike_norm_is_not_converted():

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrizations
 
 from normsurgeon import PreconditionError, SkipReason, VerificationError, fold_batchnorm
 from tests.helpers import give_realistic_stats
+from tests.norm_zoo import FrozenBatchNorm2d
 
 
 def _folded(model: nn.Module, *inputs: torch.Tensor, **options):
@@ -302,21 +303,6 @@ def test_weight_normed_conv_folds_and_keeps_its_weight_norm(api):
     assert names & {"0.parametrizations.weight.original0", "0.weight_g"}
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision's FrozenBatchNorm2d, written out: buffers, no parameters."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.register_buffer("weight", torch.rand(n) + 0.5)
-        self.register_buffer("bias", torch.randn(n))
-        self.register_buffer("running_mean", torch.randn(n))
-        self.register_buffer("running_var", torch.rand(n) + 0.1)
-        self.eps = 1e-5
-
-    def forward(self, x):
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
 
 
 class LooksLikeFrozenBN(FrozenBatchNorm2d):

@@ -16,7 +16,7 @@ import models
 from normsurgeon.errors import PreconditionError
 from normsurgeon.passes.fold_norm_affine import fold_norm_affines
 from normsurgeon.report import SkipReason
-from tests.passes.test_convert import hf_inputs, hf_model
+from tests.hf_models import hf_inputs, hf_model
 
 
 def _fold(model: nn.Module, inputs: tuple):

@@ -12,7 +12,8 @@ from torch import nn
 import models
 from normsurgeon.passes.inspect import inspect_norms
 from normsurgeon.render import render_json
-from tests.passes.test_convert import RMSNorm, hf_inputs, hf_model
+from tests.hf_models import hf_inputs, hf_model
+from tests.norm_zoo import RMSNorm
 
 
 def _rows(model: nn.Module, inputs) -> dict[str, dict]:
