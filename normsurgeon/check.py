@@ -7,12 +7,14 @@ flattened into named tensors and compared one by one. Float outputs pass when
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Iterator
 
 import torch
 
 from .report import Check, OutputDiff
+from .trace import call_model
 
 # (atol, rtol) per dtype: a fold rounds each weight once, but deep nets accumulate that rounding.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -79,10 +81,6 @@ def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs
     a difference within a few times it is rounding, a wrong fold is orders of magnitude above.
     None for models that are already float64 or have no floating-point outputs.
     """
-    import copy
-
-    from .trace import call_model
-
     floats = [t for _, t in flatten_outputs(outputs) if t.is_floating_point()]
     if not floats or all(t.dtype == torch.float64 for t in floats):
         return None

@@ -93,3 +93,15 @@ def _share_the_exporters_op_registry():
         yield
     finally:
         ONNXRegistry.from_torchlib = original
+
+class Nested(nn.Module):
+    """Several inputs (one int), a keyword that is None and a float baked in; nested dict/tuple outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, ids, mask=None, scale=2.0):
+        h = self.lin(x) * scale + self.embed(ids)
+        return {"hidden": h, "pair": (h.sum(-1), ids + 1)}

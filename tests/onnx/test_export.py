@@ -22,7 +22,7 @@ from normsurgeon.onnx.export import (
     resize_batch,
 )
 from normsurgeon.onnx.verify import verify_onnx
-from tests.onnx.conftest import HAS_CUDA_EP, NO_CUDA_REASON, conv_bn, files_in, image
+from tests.onnx.conftest import HAS_CUDA_EP, NO_CUDA_REASON, Nested, conv_bn, files_in, image
 
 ORT_CPU = "onnxruntime cpu vs torch (batch 2)"
 KEPT_BATCHNORMS = {"preact_resnet": 4}  # by design: no neighbour they fold into exactly
@@ -146,17 +146,6 @@ def test_dynamic_batch_is_symbolic_and_verified_at_two_sizes(convbn, tmp_path):
     assert verify_onnx(convbn, path, image(batch=5)).passed
 
 
-class Nested(nn.Module):
-    """Token ids and features, a None keyword and a float baked in; a dict/tuple output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 4)
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x, ids, mask=None, scale=2.0):
-        h = self.lin(x) * scale + self.embed(ids)
-        return {"hidden": h, "pair": (h.sum(-1), ids + 1)}
 
 
 def test_several_inputs_baked_values_and_nested_outputs_with_dynamic_batch(tmp_path):

@@ -12,7 +12,7 @@ from torch import nn
 
 from normsurgeon.errors import LoadError, UsageError
 from normsurgeon.onnx.verify import eval_mode, verify_onnx
-from tests.onnx.conftest import HAS_CUDA_EP, NO_CUDA_REASON, image
+from tests.onnx.conftest import HAS_CUDA_EP, NO_CUDA_REASON, Nested, image
 
 
 def _export(model: nn.Module, args: tuple, path: Path, **kwargs) -> Path:
@@ -69,17 +69,6 @@ def test_wrong_batch_for_a_static_graph_is_a_failed_check_not_a_crash(exported_c
     assert report.facts["batch_sizes_verified"] == [2, 3]
 
 
-class Nested(nn.Module):
-    """Several inputs (one int), a keyword that is None and a float baked in; nested outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 4)
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x, ids, mask=None, scale=2.0):
-        h = self.lin(x) * scale + self.embed(ids)
-        return {"hidden": h, "pair": (h.sum(-1), ids + 1)}
 
 
 def test_nested_outputs_and_mixed_inputs(tmp_path):
