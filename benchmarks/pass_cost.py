@@ -10,14 +10,20 @@ copy of the model, several times:
 * ``fx_fuse_copy`` — ``torch.fx.experimental.optimization.fuse(model)`` (deep copy, its default);
 * ``fx_fuse_inplace`` — ``fuse(model, inplace=True)``.
 
-Time is process CPU time (a shared machine's waits for a core are left out; torch runs on the
-pinned thread count). Peak extra memory is the resident-set high-water mark (``VmHWM``, reset
-through ``/proc/self/clear_refs`` just before the call) minus the resident set just before it.
-RSS is used because it sees everything the pass allocates: torch's CPU tensors (which
-``tracemalloc`` does not see: a 50 MB ``torch.empty`` shows up there as 80 bytes) and Python
-objects (the trace's nodes). The subprocess fixes glibc's mmap threshold (64 KiB), so a freed
-large tensor is returned to the OS and a later allocation cannot hide in it; a warm-up run on a
-small model first loads the code paths, so their pages are not counted.
+Time and memory are measured in separate subprocesses, because measuring memory exactly slows
+the passes down unevenly:
+
+* **time** is process CPU time (a shared machine's waits for a core are left out; torch runs on
+  the pinned thread count), with glibc's default allocator settings, as users run it;
+* **peak extra memory** is the resident-set high-water mark (``VmHWM``, reset through
+  ``/proc/self/clear_refs`` just before the call) minus the resident set just before it. RSS
+  sees everything the pass allocates: torch's CPU tensors (which ``tracemalloc`` does not see: a
+  50 MB ``torch.empty`` shows up there as 80 bytes) and Python objects (the trace's nodes). That
+  subprocess fixes glibc's mmap threshold (64 KiB), so a freed large tensor is returned to the OS
+  and a later allocation cannot hide in it. The price is an mmap and page faults for every
+  activation, which doubled the time of a forward pass, so no time is taken there.
+
+A warm-up run on a small model first loads the code paths, so their pages are not counted.
 """
 
 from __future__ import annotations
@@ -83,8 +89,8 @@ def _method(name: str):
     }[name]
 
 
-def measure(model_path: str, method: str, reps: int, threads: int) -> dict:
-    """Time and peak extra RSS of ``method`` on deep copies of the saved model (in this process)."""
+def measure(model_path: str, method: str, reps: int, threads: int, probe: str) -> dict:
+    """CPU time (``probe="time"``) or peak extra RSS (``"memory"``) of ``method`` on deep copies of the model."""
     import warnings
 
     import torch
@@ -118,32 +124,34 @@ def measure(model_path: str, method: str, reps: int, threads: int) -> dict:
             peaks.append(max(0, peak - before) * 1024)
         del result, work
         gc.collect()
+    if probe == "time":
+        return {"method": method, "seconds": statistics.median(seconds), "seconds_all": seconds,
+                "check": checks[0] if checks else None}
     return {
         "method": method,
-        "seconds": statistics.median(seconds),
-        "seconds_all": seconds,
         "peak_extra_bytes": statistics.median(peaks) if peaks else None,
         "peak_extra_bytes_all": peaks,
         "memory_probe": "VmHWM after clear_refs" if can_reset else None,
-        "check": checks[0] if checks else None,
     }
 
 
 # --------------------------------------------------------------------------- in the parent
 
 
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    env["MALLOC_TRIM_THRESHOLD_"] = str(128 * 1024)
+def _worker_env(probe: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
+    if probe == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+        env["MALLOC_TRIM_THRESHOLD_"] = str(128 * 1024)
     env["PYTHONWARNINGS"] = "ignore"
     return env
 
 
-def _run_worker(jobs: list[dict], threads: int) -> list[dict]:
-    command = [sys.executable, "-m", "benchmarks.pass_cost", "--worker", json.dumps(jobs), "--threads", str(threads)]
+def _run_worker(jobs: list[dict], threads: int, probe: str) -> list[dict]:
+    command = [sys.executable, "-m", "benchmarks.pass_cost", "--worker", json.dumps(jobs), "--threads", str(threads),
+               "--probe", probe]
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(command, cwd=root, env=_worker_env(), capture_output=True, text=True, check=False)
+    done = subprocess.run(command, cwd=root, env=_worker_env(probe), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"pass-cost worker failed ({done.returncode}): {done.stderr[-2000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -172,8 +180,9 @@ def run_pass_cost(
             jobs += [{"depth": depth, "model_path": str(path), "method": m, "reps": reps} for m in METHODS]
         batches = [jobs] if one_process else [[job] for job in jobs]
         for batch in batches:
-            for job, result in zip(batch, _run_worker(batch, threads), strict=True):
-                row = {"depth": job["depth"], "width": width, **facts[job["depth"]], **result}
+            timed, sized = _run_worker(batch, threads, "time"), _run_worker(batch, threads, "memory")
+            for job, time_result, memory_result in zip(batch, timed, sized, strict=True):
+                row = {"depth": job["depth"], "width": width, **facts[job["depth"]], **time_result, **memory_result}
                 rows.append(row)
                 mem = row["peak_extra_bytes"]
                 share = f"{mem / row['weight_bytes']:.2f}x weights" if mem is not None else "n/a"
@@ -185,9 +194,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", required=True, help="JSON list of jobs (internal)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--probe", choices=("time", "memory"), required=True)
     args = parser.parse_args()
     for job in json.loads(args.worker):
-        result = measure(job["model_path"], job["method"], job["reps"], args.threads)
+        result = measure(job["model_path"], job["method"], job["reps"], args.threads, args.probe)
         print(json.dumps(result), flush=True)
 
 

@@ -199,6 +199,7 @@ def pass_section(section: dict) -> str:
                 if k in methods and methods[k]["peak_extra_bytes"] is not None else "–"
                 for k, _ in PASS_METHODS
             ),
+            _beyond_forward(methods),
         ])
     width = section["rows"][0]["width"] if section["rows"] else "?"
     return "\n".join([
@@ -219,8 +220,18 @@ def pass_section(section: dict) -> str:
         "`VmHWM` reset via `/proc/self/clear_refs` just before the call, minus `VmRSS` then "
         "(`tracemalloc` does not see torch's CPU tensors):"),
         "",
-        _table(["model", "weights MiB", *(name for _, name in PASS_METHODS)], mem_rows),
+        _table(["model", "weights MiB", *(name for _, name in PASS_METHODS), "ns fold − forward"], mem_rows),
+        "",
+        ("*ns fold − forward*: the fold's peak beyond what one plain forward pass of the model needs "
+         "(the trace and the check each run the model once; inference needs that memory anyway)."),
     ])
+
+
+def _beyond_forward(methods: dict[str, dict]) -> str:
+    fold, forward = (methods.get(k, {}).get("peak_extra_bytes") for k in ("ns_fold", "forward"))
+    if fold is None or forward is None:
+        return "–"
+    return f"{_mb(fold - forward)} ({(fold - forward) / next(iter(methods.values()))['weight_bytes']:.1%})"
 
 
 def goals_section(results: dict) -> str:

@@ -7,14 +7,15 @@ flattened into named tensors and compared one by one. Float outputs pass when
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .report import Check, OutputDiff
-from .trace import call_model
+from .trace import METADATA_READS, call_model, function_name
 
 # (atol, rtol) per dtype: a fold rounds each weight once, but deep nets accumulate that rounding.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -79,25 +80,64 @@ def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs
     Deep networks amplify one-ulp weight changes: a fold that is exact in float64 can move a
     float32 output by more than the default tolerance. This is that model's own rounding noise;
     a difference within a few times it is rounding, a wrong fold is orders of magnitude above.
-    None for models that are already float64 or have no floating-point outputs.
+    None for models that are already float64, have no floating-point outputs, or cannot run in
+    float64.
+
+    The model is not copied: each op converts its own inputs (one layer's weights at a time), so
+    the extra memory is a float64 forward pass, not a float64 copy of every weight.
     """
     floats = [t for _, t in flatten_outputs(outputs) if t.is_floating_point()]
     if not floats or all(t.dtype == torch.float64 for t in floats):
         return None
-    exact_model = copy.deepcopy(model).double()
-
-    def as_double(value: Any) -> Any:
-        return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-    if isinstance(example_inputs, dict):
-        inputs = {key: as_double(value) for key, value in example_inputs.items()}
-    else:
-        inputs = tuple(as_double(value) for value in example_inputs)
-    with torch.no_grad():
-        exact = dict(flatten_outputs(call_model(exact_model, inputs)))
-    diffs = [(t.double() - exact[name]).abs().max().item() for name, t in flatten_outputs(outputs)
+    try:
+        with torch.no_grad(), Float64Mode():
+            exact = dict(flatten_outputs(call_model(model, example_inputs)))
+    except Exception:  # an op that cannot take float64 (or bypasses torch functions): noise unknown
+        return None
+    diffs = [(t.double() - exact[name].double()).abs().max().item() for name, t in flatten_outputs(outputs)
              if t.is_floating_point() and name in exact and t.numel()]
     return max(diffs, default=None)
+
+
+class Float64Mode(TorchFunctionMode):
+    """Run every torch function in float64: float inputs are converted per call, float results too.
+
+    Parameters stay as they are; a conv converts its own weight for its one call. Casts back to a
+    narrower float (``x.float()``, ``x.to(self.weight.dtype)``, ``torch.ones(..., dtype=float32)``)
+    are widened to float64, so no step rounds to float32. The ``self`` of an in-place op is left
+    alone, so the op still writes to the tensor the model holds. Metadata reads (``x.shape``,
+    ``x.dtype``) see the tensor unconverted.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = function_name(func)
+        if name in METADATA_READS:
+            return func(*args, **kwargs)
+        if name in _NARROWING_CASTS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            return _widen(args[0])
+        if _is_inplace(name) and args:
+            args = (args[0], *tree_map(_widen, args[1:]))
+        else:
+            args = tree_map(_widen, args)
+        return tree_map(_widen, func(*args, **tree_map(_widen, kwargs)))
+
+
+_NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_NARROWING_CASTS = frozenset({"float", "half", "bfloat16"})
+
+
+def _is_inplace(name: str) -> bool:
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
+def _widen(value: Any) -> Any:
+    """A narrower float tensor as float64, a narrower float dtype as torch.float64; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.dtype in _NARROW_FLOATS:
+        return value.double()
+    if isinstance(value, torch.dtype) and value in _NARROW_FLOATS:
+        return torch.float64
+    return value
 
 
 def _diff(name: str, ref: torch.Tensor, new: torch.Tensor | None, atol: float, rtol: float) -> OutputDiff:

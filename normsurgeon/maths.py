@@ -17,14 +17,14 @@ Weights are laid out (rows, cols, *kernel); the channel a factor applies to is e
 (``channel_dim=0``) or, for grouped layouts, ``group(row) * cols + col`` (``channel_dim=1``):
 that covers a conv's output (0) and input (1) channels, a conv-transpose's output channels (1),
 and a linear's output (0) and input (1) features. All arithmetic is float64, cast back once,
-and done in row chunks (64K elements) so the extra memory stays small however large the weight.
+and done in row chunks (32K elements) so the extra memory stays small however large the weight.
 """
 
 from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 16  # 512 KiB of float64 per chunk: peak extra memory stays tiny
+_CHUNK_ELEMENTS = 1 << 15  # 256 KiB of float64 per chunk: peak extra memory stays tiny
 
 
 def batchnorm_scale_shift(
@@ -70,7 +70,7 @@ def scale_channels_(weight: torch.Tensor, scale: torch.Tensor, *, channel_dim: i
         for rows in _row_chunks(weight):
             factor = channel_factors(scale, weight.shape, rows, channel_dim=channel_dim, groups=groups)
             chunk = weight[rows]
-            chunk.copy_((chunk.double() * factor.to(chunk.device)).to(weight.dtype))
+            chunk.copy_(chunk.double().mul_(factor.to(chunk.device)))  # float64 weights: in place
 
 
 def input_shift_contribution(weight: torch.Tensor, shift: torch.Tensor, *, groups: int = 1) -> torch.Tensor:
@@ -79,6 +79,6 @@ def input_shift_contribution(weight: torch.Tensor, shift: torch.Tensor, *, group
     with torch.no_grad():
         for rows in _row_chunks(weight):
             factor = channel_factors(shift, weight.shape, rows, channel_dim=1, groups=groups)
-            chunk = weight[rows].double() * factor.to(weight.device)
+            chunk = weight[rows].to(torch.float64, copy=True).mul_(factor.to(weight.device))
             parts.append(chunk.reshape(chunk.shape[0], -1).sum(dim=1))
     return torch.cat(parts) if parts else weight.new_zeros(0, dtype=torch.float64)

@@ -116,10 +116,10 @@ def _mean_only_stats(module: MeanOnlyBatchNorm) -> BatchNormStats:
 
 
 def _check_finite(stats: BatchNormStats) -> None:
-    for name in ("mean", "var", "weight", "bias"):
-        tensor = getattr(stats, name)
-        if tensor is not None and not torch.isfinite(tensor).all():
-            raise NotBatchNorm(SkipReason.NONFINITE_STATS, f"non-finite values in {name}")
+    tensors = {name: t for name in ("mean", "var", "weight", "bias") if (t := getattr(stats, name)) is not None}
+    if not torch.isfinite(torch.cat([t.detach().reshape(-1) for t in tensors.values()])).all():  # one op per BN
+        culprit = next(name for name, t in tensors.items() if not torch.isfinite(t).all())
+        raise NotBatchNorm(SkipReason.NONFINITE_STATS, f"non-finite values in {culprit}")
     if (stats.var < 0).any():
         raise NotBatchNorm(SkipReason.NONFINITE_STATS, "negative running_var")
 
