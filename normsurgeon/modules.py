@@ -114,3 +114,52 @@ class ChannelsFirstLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
         return y.movedim(-1, 1)
+
+
+class _BiasAddedAfterConvTranspose:
+    """Mixin: in eager mode, run the transposed conv without its bias and add the bias after.
+
+    torch's CPU ConvTranspose (oneDNN deconvolution) applies a bias slowly for many grouped
+    shapes: ``benchmarks/`` measured a grouped ConvTranspose2d 2.2x slower with a bias than
+    without, and a separate add at 1.1x. Under ``torch.export`` / ``torch.onnx.export`` the layer
+    is the plain op with its bias, so exported graphs keep one node. Same parameters and
+    state_dict keys as the torch class; ``isinstance`` checks against it still hold.
+    """
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.bias is None or torch.compiler.is_exporting():
+            return super().forward(input, output_size)
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation
+        )
+        out = _CONV_TRANSPOSE[dims](
+            input, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+        return out + self.bias.view(-1, *([1] * dims))
+
+
+_CONV_TRANSPOSE = {
+    1: nn.functional.conv_transpose1d,
+    2: nn.functional.conv_transpose2d,
+    3: nn.functional.conv_transpose3d,
+}
+
+
+class BiasAfterConvTranspose1d(_BiasAddedAfterConvTranspose, nn.ConvTranspose1d):
+    """ConvTranspose1d that adds its bias after the convolution in eager mode (see the mixin)."""
+
+
+class BiasAfterConvTranspose2d(_BiasAddedAfterConvTranspose, nn.ConvTranspose2d):
+    """ConvTranspose2d that adds its bias after the convolution in eager mode (see the mixin)."""
+
+
+class BiasAfterConvTranspose3d(_BiasAddedAfterConvTranspose, nn.ConvTranspose3d):
+    """ConvTranspose3d that adds its bias after the convolution in eager mode (see the mixin)."""
+
+
+BIAS_AFTER_CONV_TRANSPOSE: dict[type[nn.Module], type[nn.Module]] = {
+    nn.ConvTranspose1d: BiasAfterConvTranspose1d,
+    nn.ConvTranspose2d: BiasAfterConvTranspose2d,
+    nn.ConvTranspose3d: BiasAfterConvTranspose3d,
+}

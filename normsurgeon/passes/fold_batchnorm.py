@@ -7,7 +7,9 @@ axis-only op such as ``transpose`` may sit between them). Otherwise it is folded
 that *consume* its output, when those are convs whose padding commutes with a per-channel affine
 (no zero padding) or linears, and they read nothing else. The maths is in :mod:`normsurgeon.maths`.
 
-Folded BNs become ``nn.Identity``; the model stays the user's own class. A BN with no foldable
+Folded BNs become ``nn.Identity``; the model stays the user's own class (except that a grouped
+ConvTranspose on CPU given a bias by the fold becomes a :class:`BiasAfterConvTranspose2d` (or 1d,
+3d), whose bias is added after the conv: torch's kernel is slow with one). A BN with no foldable
 neighbour is kept (or, with ``unfoldable="affine"``, replaced by a :class:`ChannelAffine`), and
 the report says why.
 """
@@ -25,7 +27,7 @@ from ..check import compare_outputs, rounding_noise
 from ..errors import PreconditionError, VerificationError
 from ..layout import axis_after, axis_before, is_layout_op
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
-from ..modules import ChannelAffine
+from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import ParentIndex, editable_weight, ensure_bias, module_parents, replace_module
@@ -85,6 +87,7 @@ def fold_batchnorm(
     flow = trace(model, example_inputs)
     shared = _shared_tensor_ids(model)
     parents = module_parents(model)
+    given_a_bias: list[nn.Module] = []
     for path, module in _batchnorm_modules(model):
         try:
             plan = _plan(flow, module, shared, allow_default_stats)
@@ -94,11 +97,12 @@ def fold_batchnorm(
             else:
                 report.skipped.append(Skip(path, refusal.reason, refusal.detail))
             continue
-        _apply(plan)
+        given_a_bias += _apply(plan)
         replace_module(model, module, nn.Identity(), parents)
         for target in plan.targets:
             side = "producer" if plan.into_producer else "consumer"
             report.changes.append(Change("folded", path, flow.module_paths[target], f"into its {side}"))
+    _add_bias_after_grouped_conv_transposes(given_a_bias, flow, report)
     _note_functional_batchnorm(flow, report)
     with torch.no_grad():
         folded_outputs = call_model(model, example_inputs)
@@ -322,7 +326,9 @@ def _describe(flow: Trace, node: Node) -> str:
     return f"{node.name}()"
 
 
-def _apply(plan: FoldPlan) -> None:
+def _apply(plan: FoldPlan) -> list[nn.Module]:
+    """Fold the BN into its targets; returns the targets that had no bias before."""
+    given_a_bias = [module for module in plan.targets if getattr(module, "bias", None) is None]
     s, t = batchnorm_scale_shift(plan.stats.mean, plan.stats.var, plan.stats.eps, plan.stats.weight, plan.stats.bias)
     for module in plan.targets:
         weight = editable_weight(module)
@@ -342,6 +348,27 @@ def _apply(plan: FoldPlan) -> None:
         weight.commit()
         with torch.no_grad():
             bias.copy_(new_bias.to(bias.dtype))
+    return given_a_bias
+
+
+def _add_bias_after_grouped_conv_transposes(given_a_bias: list[nn.Module], flow: Trace, report: Report) -> None:
+    """A grouped ConvTranspose on CPU that got its bias from the fold adds it after the conv (eager only).
+
+    torch's CPU kernel for many grouped ConvTranspose shapes is ~2x slower with a bias than
+    without (see :class:`~normsurgeon.modules.BiasAfterConvTranspose2d`), which made a folded
+    decoder slower than the original. A layer that had a bias already keeps its class: the
+    original paid that price too.
+    """
+    for module in given_a_bias:
+        replacement = BIAS_AFTER_CONV_TRANSPOSE.get(type(module))
+        if replacement is None or module.groups == 1 or module.weight.device.type != "cpu":
+            continue
+        module.__class__ = replacement  # same parameters and state_dict keys, as torch's parametrize does
+        report.notes.append(
+            f"{flow.module_paths[module]} is now a {replacement.__name__}: it adds the bias the fold gave it after "
+            "the convolution, because torch's CPU grouped ConvTranspose is ~2x slower with a bias; it exports as "
+            "one op, and loading the pickled model needs normsurgeon installed (the state_dict keys are unchanged)"
+        )
 
 
 def _replace_with_affine(
