@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
-
 ParentIndex = dict[int, list[tuple[nn.Module, str, str]]]
 
 
@@ -35,6 +34,42 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, parents: Pa
     for parent, name, _ in entries:
         parent._modules[name] = new
     return [path for _, _, path in entries]
+
+
+def shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters a pass must not edit in place: one registered twice (tied weights), or
+    one whose memory another parameter or buffer also uses (``nn.Parameter(conv.weight.view(...))``,
+    a state_dict saved with views): editing it would silently change the other too."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    shared = {key for key, count in seen.items() if count > 1}
+    spans = sorted(
+        (str(t.device), t.data_ptr(), t.data_ptr() + _byte_extent(t), id(t))
+        for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
+        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and not t.is_meta and t.numel()
+    )
+    # One sweep over the byte ranges sorted by start: a range that starts before the furthest end so far
+    # overlaps an earlier one. Every member of a run of such ranges overlaps another member.
+    run: list[int] = []
+    run_device, run_end = None, 0
+    for device, start, end, key in spans:
+        if device == run_device and start < run_end:
+            run.append(key)
+            run_end = max(run_end, end)
+            continue
+        if len(run) > 1:
+            shared.update(run)
+        run, run_device, run_end = [key], device, end
+    if len(run) > 1:
+        shared.update(run)
+    return shared
+
+
+def _byte_extent(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last one (views may have gaps)."""
+    last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return (last + 1) * t.element_size()
 
 
 def _hook_weight_norm(module: nn.Module) -> WeightNorm | None:

@@ -25,11 +25,11 @@ from ..errors import PreconditionError, UsageError, VerificationError
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import replace_module
+from ..surgery import replace_module, shared_parameter_ids
 from ..trace import Trace, call_model, trace
 from .convert_centring import CentringPlan, apply_centring, plan_centring
 from .convert_rules import NotConvertible, Rule, described, find_rule
-from .fold_batchnorm import Refused, _shared_tensor_ids
+from .fold_batchnorm import Refused
 
 NATIVE = "native"
 Target = NormKind | Literal["native"]
@@ -83,7 +83,7 @@ def convert_norms(
     flow = trace(model, example_inputs)
     recognition = recognize_norms(model, flow)
     selected = _select(recognition, source_kind, only, report)
-    shared = _shared_tensor_ids(model)
+    shared = shared_parameter_ids(model)
     centring, rest, why_not_centred = _plan_centring(flow, recognition, selected, target, shared, report)
     items = _plan_items(rest, target, report, why_not_centred)
     inexact = [item for item in items if item.why_inexact]

@@ -30,7 +30,7 @@ from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_chann
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import ParentIndex, editable_weight, ensure_bias, module_parents, replace_module
+from ..surgery import ParentIndex, editable_weight, ensure_bias, module_parents, replace_module, shared_parameter_ids
 from ..trace import Node, Trace, Value, call_model, trace
 
 _NOISE_FACTOR = 4  # a fold may differ from the original by this many times the model's rounding noise
@@ -85,7 +85,7 @@ def fold_batchnorm(
         model = copy.deepcopy(model)
     report = Report("fold", model=model)
     flow = trace(model, example_inputs)
-    shared = _shared_tensor_ids(model)
+    shared = shared_parameter_ids(model)
     parents = module_parents(model)
     given_a_bias: list[nn.Module] = []
     for path, module in _batchnorm_modules(model):
@@ -152,36 +152,6 @@ def _accept_rounding_noise(model: nn.Module, example_inputs: tuple | dict, refer
 
 def _batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if is_batchnorm_like(m)]
-
-
-def _shared_tensor_ids(model: nn.Module) -> set[int]:
-    """ids of the parameters a fold must not edit in place: one registered twice (tied weights), or
-    one whose memory another parameter or buffer also uses (``nn.Parameter(conv.weight.view(...))``,
-    a state_dict saved with views): editing it would silently change the other too."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    shared = {key for key, count in seen.items() if count > 1}
-    by_storage: dict[tuple, list[torch.Tensor]] = {}
-    for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values():
-        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and not t.is_meta and t.numel():
-            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(t)
-    for tensors in by_storage.values():
-        for i, a in enumerate(tensors):
-            for b in tensors[i + 1:]:
-                if _overlap(a, b):
-                    shared.update((id(a), id(b)))
-    return shared
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors on the same storage touch some of the same bytes."""
-    def extent(t: torch.Tensor) -> tuple[int, int]:
-        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        return t.storage_offset() * t.element_size(), (last + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < b1 and b0 < a1
 
 
 def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: bool) -> FoldPlan:

@@ -26,9 +26,9 @@ from ..maths import input_shift_contribution, scale_channels_
 from ..placement import describe, is_conv1d, users_through
 from ..recognize import NormInfo, NormKind, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import editable_weight, ensure_bias
+from ..surgery import editable_weight, ensure_bias, shared_parameter_ids
 from ..trace import Trace, call_model, trace
-from .fold_batchnorm import Refused, _check_editable, _shared_tensor_ids
+from .fold_batchnorm import Refused, _check_editable
 
 _FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
 
@@ -56,7 +56,7 @@ def fold_norm_affines(
     recognition = recognize_norms(model, flow)
     for item in recognition.unrecognized:
         report.skipped.append(Skip(item.path, SkipReason.NOT_A_NORM, item.detail))
-    shared = _shared_tensor_ids(model)
+    shared = shared_parameter_ids(model)
     for info in recognition.norms:
         if info.kind not in _FOLDABLE_KINDS:
             continue

@@ -19,10 +19,11 @@ from torch import nn
 from ..placement import Where, place_norms
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Report
+from ..surgery import shared_parameter_ids
 from ..trace import Trace, trace
 from .convert_centring import plan_centring
 from .convert_rules import NotConvertible, find_rule
-from .fold_batchnorm import Refused, _plan, _shared_tensor_ids
+from .fold_batchnorm import Refused, _plan
 from .fold_norm_affine import plan_affine_fold
 
 
@@ -75,7 +76,7 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
     report = InspectReport("inspect")
     channel = {i.module for i in recognition.norms if i.kind.spec.channel_dim_1}
     where = place_norms(flow, [i.module for i in recognition.norms], channel_norms=channel)
-    shared = _shared_tensor_ids(model)
+    shared = shared_parameter_ids(model)
     exact_rms = _exact_rmsnorm(flow, recognition, where, shared)
     invariant = _scale_invariant(model, flow, report)
     for info in recognition.norms:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize, parametrizations
+from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..check import compare_outputs

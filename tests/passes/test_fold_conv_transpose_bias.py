@@ -12,10 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from normsurgeon import fold_batchnorm
+from normsurgeon import export_onnx, fold_batchnorm
 from normsurgeon.io.loading import load_model
 from normsurgeon.modules import BiasAfterConvTranspose1d, BiasAfterConvTranspose2d, BiasAfterConvTranspose3d
-from normsurgeon import export_onnx
 from tests.helpers import give_realistic_stats
 
 CASES = [

@@ -30,7 +30,7 @@ from normsurgeon import (
     inspect_norms,
 )
 from normsurgeon.check import flatten_outputs
-from normsurgeon.passes.fold_batchnorm import _shared_tensor_ids
+from normsurgeon.surgery import shared_parameter_ids
 from tests.helpers import give_realistic_stats
 
 
@@ -375,9 +375,21 @@ def test_tensors_on_separate_memory_or_disjoint_slices_are_not_shared():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(3, 4))
     model[0].weight = nn.Parameter(flat[:12].view(4, 3))  # one flat buffer, two disjoint slices
     model[1].weight = nn.Parameter(flat[12:].view(4, 3))
-    assert _shared_tensor_ids(model) == set()
+    assert shared_parameter_ids(model) == set()
     model[1].weight = nn.Parameter(flat[6:18].view(4, 3))  # now they overlap
-    assert _shared_tensor_ids(model) == {id(model[0].weight), id(model[1].weight)}
+    assert shared_parameter_ids(model) == {id(model[0].weight), id(model[1].weight)}
+
+
+def test_every_tensor_in_a_chain_of_overlaps_is_shared_and_strided_views_count_their_gaps():
+    flat = torch.randn(40)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(2, 2))
+    model[0].weight = nn.Parameter(flat[0:12].view(4, 3))   # a: bytes 0..12
+    model[1].weight = nn.Parameter(flat[10:22].view(4, 3))  # b overlaps a and c
+    model[2].weight = nn.Parameter(flat[20:32].view(4, 3))  # c does not overlap a
+    model[3].weight = nn.Parameter(flat[32:40:2].view(2, 2))  # every other element from 32: alone
+    assert shared_parameter_ids(model) == {id(model[i].weight) for i in range(3)}
+    model[3].weight = nn.Parameter(flat[25:33:2].view(2, 2))  # 25..31 with gaps: inside c's bytes
+    assert id(model[3].weight) in shared_parameter_ids(model)
 
 
 class TiedConvs(nn.Module):
