@@ -393,7 +393,8 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
                        "loosen --atol/--rtol only if the difference is expected"))
     yield Case("verify-batch-the-onnx-does-not-take",
                ["verify", "model.pt", "net.onnx", "--input-shape", "2,3,32,32"],
-               Problem(6, "failed on output 'output' (onnxruntime failed", "see the report above"))
+               Problem(2, "input 'x' is (2, 3, 32, 32) but the ONNX model's static shape is (1, 3, 32, 32)",
+                       "or export with --dynamic-batch for any batch size"))
 
     # click's own usage errors follow the same one-line convention
     yield Case("convert-missing-to", ["convert", "model.pt"],

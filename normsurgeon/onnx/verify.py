@@ -66,7 +66,11 @@ def verify_onnx(
     input_sets = [example_inputs, *extra_inputs]
     sessions = {provider: runtime.session(path, provider) for provider in chosen}
     feeds = {p: [onnx_feeds(sess, inputs) for inputs in input_sets] for p, sess in sessions.items()}
-    references = [_run_torch(model, inputs) for inputs in input_sets]
+    references = [_run_torch(model, inputs) for inputs in input_sets]  # inputs the model rejects: its error first
+    first = next(iter(sessions))
+    if mismatch := shape_mismatch(sessions[first], feeds[first][0]):
+        raise UsageError(f"{mismatch.text}; pass inputs of the shape it takes (--input-shape/--inputs)"
+                         + (", or export with --dynamic-batch for any batch size" if mismatch.batch_only else ""))
     for provider, sess in sessions.items():
         for inputs, feed, reference in zip(input_sets, feeds[provider], references):
             label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs)})"
@@ -108,6 +112,29 @@ def onnx_feeds(sess: ort.InferenceSession, inputs: tuple | dict) -> dict[str, np
     return {spec.name: _to_numpy(spec, tensor) for spec, tensor in zip(graph_inputs, tensors)}
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapeMismatch:
+    """Why feeds do not fit a model's declared input shapes; ``batch_only`` when only dim 0 differs."""
+
+    text: str
+    batch_only: bool
+
+
+def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ShapeMismatch | None:
+    """The first feed whose rank or static dims differ from the model's declared input, or None."""
+    for spec in sess.get_inputs():
+        declared, given = spec.shape, feeds[spec.name].shape
+        if declared is None:
+            continue
+        differ = [i for i, (d, g) in enumerate(zip(declared, given)) if isinstance(d, int) and d != g]
+        if len(declared) != len(given) or differ:
+            shape = "(" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in declared) + ")"
+            kind = "static shape" if all(isinstance(d, int) for d in declared) else "shape"
+            return ShapeMismatch(f"input {spec.name!r} is {tuple(given)} but the ONNX model's {kind} is {shape}",
+                                 batch_only=len(declared) == len(given) and differ == [0])
+    return None
+
+
 def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         raise UsageError(
@@ -117,9 +144,10 @@ def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
     array = tensor.detach().cpu().numpy()
     expected = _ORT_DTYPES.get(spec.type)
     if expected is not None and array.dtype != expected:
+        example = ",".join(str(d) if isinstance(d, int) else "1" for d in spec.shape) or "1"
         raise UsageError(
             f"input {spec.name!r} is {array.dtype} but the ONNX model expects {spec.type}; "
-            f"pass inputs of that dtype (e.g. --input-shape 1,16:int64)"
+            f"pass inputs of that dtype (e.g. --input-shape {example}:{np.dtype(expected).name})"
         )
     return array
 
@@ -159,6 +187,10 @@ def _compare(
     """One Check: every flattened torch output against the ORT output at the same position."""
     named = flatten_outputs(reference)
     atol, rtol = _tolerances([t for _, t in named], atol, rtol)
+    mismatch = shape_mismatch(sess, feeds)
+    if mismatch:
+        return Check((_failed("input", f"{mismatch.text}: this file cannot run these inputs"),), atol=atol,
+                     rtol=rtol, label=label)
     try:
         outputs = [array for _, array in runtime.run(sess, feeds)]
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types

@@ -65,8 +65,16 @@ def test_wrong_batch_for_a_static_graph_is_a_failed_check_not_a_crash(exported_c
     report = verify_onnx(model, path, image(), extra_inputs=[image(batch=3)])
     assert [c.passed for c in report.checks] == [True, False]
     assert report.checks[1].label == "onnxruntime cpu vs torch (batch 3)"
-    assert report.checks[1].outputs[0].detail.startswith("onnxruntime failed:")
+    assert report.checks[1].outputs[0].detail == (
+        "input 'x' is (3, 3, 8, 8) but the ONNX model's static shape is (2, 3, 8, 8): this file cannot run these inputs")
     assert report.facts["batch_sizes_verified"] == [2, 3]
+
+
+def test_inputs_the_file_cannot_take_are_a_usage_error_naming_the_shape_it_takes(exported_convbn):
+    model, path = exported_convbn
+    with pytest.raises(UsageError, match=r"input 'x' is \(3, 3, 8, 8\) but the ONNX model's static shape is "
+                       r"\(2, 3, 8, 8\); pass inputs of the shape it takes .*--dynamic-batch"):
+        verify_onnx(model, path, image(batch=3))
 
 
 
@@ -120,7 +128,8 @@ def test_input_count_mismatch_is_a_usage_error(exported_convbn):
 
 def test_input_dtype_mismatch_is_a_usage_error(exported_convbn):
     model, path = exported_convbn
-    with pytest.raises(UsageError, match=r"input 'x' is float64 but the ONNX model expects tensor\(float\)"):
+    with pytest.raises(UsageError, match=r"input 'x' is float64 but the ONNX model expects tensor\(float\); "
+                       r"pass inputs of that dtype \(e.g. --input-shape 2,3,8,8:float32\)"):
         verify_onnx(copy.deepcopy(model).double(), path, (image()[0].double(),))
 
 
