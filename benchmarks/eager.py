@@ -9,7 +9,7 @@ every BN normsurgeon folded replaced by ``nn.Identity``):
   model, or its result differs from the original, that is recorded instead of a time;
 * ``normsurgeon`` — ``fold_batchnorm(model, inputs)`` on a copy;
 * ``limit_bias`` — the limit plus a zero bias in every layer normsurgeon folded into that had
-  none: the cheapest network any fold can produce (a folded BN leaves its shift as a bias);
+  none: the cheapest network a fold can produce that leaves each BN's shift as a bias;
 * ``limit_again`` — a second copy of the limit: an A/A control, whose distance from 1 is the
   resolution of the measurement;
 * ``limit`` — the norm-free limit, the baseline (ratio 1).

@@ -86,7 +86,9 @@ def eager_section(section: dict) -> str:
         _table(header, rows),
         "",
         ("*limit + biases*: the limit with a zero bias in each layer a BN was folded into that had none: "
-        "the cheapest network any fold can produce. *A/A*: a second copy of the limit, timed like the others: "
+        "the cheapest network a fold that leaves each shift in a layer's bias can produce (on a grouped "
+        "ConvTranspose normsurgeon adds the shift after the conv instead, where torch's kernel is slow with a "
+        "bias: convtranspose_decoder b8). *A/A*: a second copy of the limit, timed like the others: "
         "its distance from 1 is the resolution of these numbers. ±IQR/2: half the interquartile range of the "
         "per-round ratios (the noise of one round, not the error of the median)."),
     ])
