@@ -13,10 +13,11 @@ CPU, timed interleaved, as a ratio to the norm-free limit:
 * ``ns_optimize`` — ``normsurgeon.onnx.optimize.optimize_onnx`` on the plain file;
 * ``limit_bias`` — the limit with a zero bias in each layer a BN was folded into that had none
   (the floor of any fold, see :mod:`benchmarks.eager`), exported the same way;
-* ``limit_again`` — a second session of the limit's file: an A/A control (the resolution);
+* ``limit_again`` — the limit's file again, in sessions of its own: an A/A control (the resolution);
 * ``limit`` — the norm-free limit exported with torch's defaults, the baseline.
 
-All but the first run with ``ORT_ENABLE_ALL``. Op counts are taken from the file and from the
+All but the first run with ``ORT_ENABLE_ALL``. Each file's calls rotate over
+``SESSIONS_PER_FILE`` sessions of it, which averages out the differences between sessions. Op counts are taken from the file and from the
 graph onnxruntime really runs (``optimized_model_filepath``): an unfoldable BatchNormalization
 there shows up as an extra (NCHWc depthwise) Conv, not as a BatchNormalization.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +49,9 @@ VARIANTS = (
     "ns_export", "ns_optimize", "limit_bias", "limit_again", "limit",
 )
 CONV_OPS = ("Conv", "FusedConv", "ConvTranspose")
+# Two sessions of one file differ by up to ~3% (the A/A control): each candidate's calls rotate over
+# several sessions, so no candidate's number rests on one session's luck.
+SESSIONS_PER_FILE = 3
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -219,12 +224,12 @@ def _measure(files, inputs, expected, folder: Path, rounds: int, min_block_s: fl
         seen = folder / f"{name}.ort.onnx"
         try:
             session(target, threads, optimize=enabled, save_to=seen)  # what ORT really runs
-            sess = session(target, threads, optimize=enabled)
+            sessions = [session(target, threads, optimize=enabled) for _ in range(SESSIONS_PER_FILE)]
         except Exception as exc:  # noqa: BLE001 - recorded in the table
             variants[name] = {"status": f"onnxruntime cannot load it: {str(exc)[:160]}"}
             continue
-        feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)}
-        got = sess.run(None, feeds)
+        feeds = {i.name: x.numpy() for i, x in zip(sessions[0].get_inputs(), inputs)}
+        got = sessions[0].run(None, feeds)
         diff = max(
             float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12)) for g, e in zip(got, expected, strict=True)
         )
@@ -236,7 +241,8 @@ def _measure(files, inputs, expected, folder: Path, rounds: int, min_block_s: fl
         }
         if name.startswith("limit"):
             variants[name]["max_rel_diff"] = None  # computes something else by construction
-        candidates[name] = (lambda s=sess, f=feeds: s.run(None, f))
+        rotation = itertools.cycle(sessions)
+        candidates[name] = (lambda r=rotation, f=feeds: next(r).run(None, f))
     timings = interleaved(candidates, baseline="limit", rounds=rounds, min_block_s=min_block_s)
     for name, timing in timings.items():
         variants[name].update(timing.to_dict())
