@@ -14,6 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .errors import VerificationError
 from .report import Check, OutputDiff
 from .trace import METADATA_READS, call_model, function_name
 
@@ -72,6 +73,15 @@ def compare_outputs(
     if not ref_items:
         diffs.append(OutputDiff("output", float("nan"), float("nan"), float("nan"), False, "no tensor outputs"))
     return Check(tuple(diffs), atol=atol, rtol=rtol, label=label)
+
+
+def mismatch_error(check: Check, changed: str) -> VerificationError:
+    """The error a pass raises when ``changed`` (e.g. "the folded model") fails its check against the original."""
+    return VerificationError(
+        f"{changed} differs from the original by {check.max_abs_diff:.3g} "
+        f"(tolerance {check.atol:g} + {check.rtol:g}*max|output|); please report this model "
+        "— in Python the model was changed in place (reload it); no file was written"
+    )
 
 
 def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs: Any) -> float | None:

@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..check import compare_outputs
-from ..errors import PreconditionError, UsageError, VerificationError
+from ..check import compare_outputs, mismatch_error
+from ..errors import PreconditionError, UsageError
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
@@ -222,11 +222,7 @@ def _exact_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, at
         outputs = call_model(model, example_inputs)
     check = compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="exact conversions vs original")
     if not check.passed:
-        raise VerificationError(
-            f"the converted model differs from the original by {check.max_abs_diff:.3g} "
-            f"(tolerance {check.atol:g} + {check.rtol:g}*max|output|); please report this model "
-            "— in Python the model was changed in place (reload it); no file was written"
-        )
+        raise mismatch_error(check, "the converted model")
     return check
 
 

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..check import compare_outputs, rounding_noise
-from ..errors import PreconditionError, VerificationError
+from ..check import compare_outputs, mismatch_error, rounding_noise
+from ..errors import PreconditionError
 from ..layout import axis_after, axis_before, is_layout_op
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
@@ -110,11 +110,7 @@ def fold_batchnorm(
     if not report.check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
         _accept_rounding_noise(model, example_inputs, flow.outputs, folded_outputs, report)
     if raise_on_mismatch and not report.check.passed:
-        raise VerificationError(
-            f"the folded model differs from the original by {report.check.max_abs_diff:.3g} "
-            f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); "
-            "please report this model — in Python the model was changed in place (reload it); no file was written"
-        )
+        raise mismatch_error(report.check, "the folded model")
     return report
 
 

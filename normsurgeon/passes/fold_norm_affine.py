@@ -20,8 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from ..check import compare_outputs
-from ..errors import PreconditionError, VerificationError
+from ..check import compare_outputs, mismatch_error
+from ..errors import PreconditionError
 from ..maths import input_shift_contribution, scale_channels_
 from ..placement import describe, is_conv1d, users_through
 from ..recognize import NormInfo, NormKind, recognize_norms
@@ -70,11 +70,7 @@ def fold_norm_affines(
         outputs = call_model(model, example_inputs)
     report.check = compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="norm affines folded vs before")
     if raise_on_mismatch and not report.check.passed:
-        raise VerificationError(
-            f"the model with folded norm affines differs from the original by {report.check.max_abs_diff:.3g} "
-            f"(tolerance {report.check.atol:g} + {report.check.rtol:g}*max|output|); please report this model "
-            "— in Python the model was changed in place (reload it); no file was written"
-        )
+        raise mismatch_error(report.check, "the model with folded norm affines")
     return report
 
 
