@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -156,11 +156,11 @@ def _tensors(obj: Any, found: list[torch.Tensor] | None = None) -> list[torch.Te
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, paths: dict[nn.Module, str], owned: set[int]) -> None:
         super().__init__()
         self.model = model
-        self.paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
-        self.owned = {id(t) for t in itertools.chain(model.parameters(), model.buffers())}
+        self.paths = paths
+        self.owned = owned
         self.nodes: list[Node] = []
         self.values: dict[int, tuple[weakref.ref, Value]] = {}  # id(tensor) -> (tensor, its Value)
         self.calls: dict[nn.Module, list[Node]] = {}
@@ -236,8 +236,10 @@ def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | Non
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
     """
-    _refuse_meta(model, example_inputs)
-    recorder = _Recorder(model)
+    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+    owned = _parameters_and_buffers(paths)
+    _refuse_meta(owned.values(), example_inputs)
+    recorder = _Recorder(model, paths, set(owned))
     handles = []
     for module in recorder.paths:
         if is_atomic(module):
@@ -261,13 +263,23 @@ def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | Non
     return Trace(recorder.nodes, recorder.calls, recorder.paths, outputs, recorder.external)
 
 
-def _refuse_meta(model: nn.Module, example_inputs: tuple | dict) -> None:
+def _parameters_and_buffers(paths: dict[nn.Module, str]) -> dict[int, tuple[str, torch.Tensor]]:
+    """id -> (path, tensor) of every parameter and buffer, from the module walk the trace does anyway."""
+    found: dict[int, tuple[str, torch.Tensor]] = {}
+    for module, path in paths.items():
+        for name, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if t is not None:
+                found.setdefault(id(t), (f"{path}.{name}" if path else name, t))
+    return found
+
+
+def _refuse_meta(named_tensors: Iterable[tuple[str, torch.Tensor]], example_inputs: tuple | dict) -> None:
     """A meta tensor has a shape but no values: no pass can check (or fold) anything with it.
 
     Without this, passes failed deep inside with torch internals ("Tensor.item() cannot be called
     on meta tensors", "Cannot copy out of meta tensor").
     """
-    names = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    names = [name for name, t in named_tensors if t.is_meta]
     if names:
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         raise PreconditionError(
