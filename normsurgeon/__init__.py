@@ -1,28 +1,44 @@
 """normsurgeon: surgery on the normalization layers of trained PyTorch models."""
 
-from .check import compare_outputs
-from .errors import (
-    ExportError,
-    LoadError,
-    NormSurgeonError,
-    OutputError,
-    PreconditionError,
-    UnsafePickleError,
-    UsageError,
-    VerificationError,
-)
-from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm, MeanOnlyBatchNorm
-from .param_groups import ParamGroups, param_groups
-from .passes.convert import convert_norms
-from .passes.fold_batchnorm import fold_batchnorm
-from .passes.fold_norm_affine import fold_norm_affines
-from .passes.inspect import InspectReport, inspect_norms
-from .passes.recalibrate import recalibrate
-from .passes.weight_norm import apply_weight_norm, remove_weight_norm
-from .placement import Placement
-from .recognize import NormKind, recognize_norms
-from .report import Change, Check, Report, Skip, SkipReason
-from .trace import trace
+import os as _os
+import sys as _sys
+
+
+def _started_as_the_cli() -> bool:
+    """Whether this import is the ``normsurgeon`` command starting (script or ``python -m``)."""
+    program = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
+    return program == "normsurgeon" or program == "-m"  # "-m" while python -m imports the package
+
+
+try:  # torch takes a second or more to import: a Ctrl-C then is the CLI's, not a crash
+    from .check import compare_outputs
+    from .errors import (
+        ExportError,
+        LoadError,
+        NormSurgeonError,
+        OutputError,
+        PreconditionError,
+        UnsafePickleError,
+        UsageError,
+        VerificationError,
+    )
+    from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm, MeanOnlyBatchNorm
+    from .param_groups import ParamGroups, param_groups
+    from .passes.convert import convert_norms
+    from .passes.fold_batchnorm import fold_batchnorm
+    from .passes.fold_norm_affine import fold_norm_affines
+    from .passes.inspect import InspectReport, inspect_norms
+    from .passes.recalibrate import recalibrate
+    from .passes.weight_norm import apply_weight_norm, remove_weight_norm
+    from .placement import Placement
+    from .recognize import NormKind, recognize_norms
+    from .report import Change, Check, Report, Skip, SkipReason
+    from .trace import trace
+except KeyboardInterrupt:
+    if not _started_as_the_cli():
+        raise
+    _sys.stderr.write("interrupted: nothing was read or written\n")
+    raise SystemExit(130) from None
 
 fold = fold_batchnorm
 

@@ -177,3 +177,34 @@ def test_fold_affine_leaves_parameter_free_norms(tmp_path):
     ids = torch.randint(0, 50, (3, 8))
     with torch.no_grad():
         torch.testing.assert_close(folded(ids), models.build("llama")(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_ctrl_c_while_torch_is_still_importing_is_one_line_and_exit_130():
+    """The first second or two of every command is importing torch; a Ctrl-C there is not a crash."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "normsurgeon", "--help"]
+    start = time.monotonic()
+    subprocess.run(command, env=env, capture_output=True, check=True, timeout=300)
+    startup = time.monotonic() - start  # mostly the torch import
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(startup / 4)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert stderr.startswith("interrupted:") and stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_importing_normsurgeon_in_a_program_keeps_its_own_ctrl_c():
+    import subprocess
+    import sys
+
+    program = ("import _thread, threading; threading.Timer(0.2, _thread.interrupt_main).start()\n"
+               "try:\n    import normsurgeon\nexcept KeyboardInterrupt:\n    print('the program saw it')\n")
+    done = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == "the program saw it\n", done.stderr
