@@ -17,9 +17,10 @@ CPU, timed interleaved, as a ratio to the norm-free limit:
 * ``limit`` — the norm-free limit exported with torch's defaults, the baseline.
 
 All but the first run with ``ORT_ENABLE_ALL``. Each file's calls rotate over
-``SESSIONS_PER_FILE`` sessions of it, which averages out the differences between sessions. Op counts are taken from the file and from the
-graph onnxruntime really runs (``optimized_model_filepath``): an unfoldable BatchNormalization
-there shows up as an extra (NCHWc depthwise) Conv, not as a BatchNormalization.
+``SESSIONS_PER_FILE`` sessions of it, which averages out the differences between sessions. Op
+counts are taken from the file and from the graph onnxruntime really runs
+(``optimized_model_filepath``): an unfoldable BatchNormalization there shows up as an extra
+(NCHWc depthwise) Conv, not as a BatchNormalization.
 """
 
 from __future__ import annotations
