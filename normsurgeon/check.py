@@ -12,11 +12,10 @@ from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from .errors import VerificationError
 from .report import Check, OutputDiff
-from .trace import METADATA_READS, call_model, function_name
+from .trace import METADATA_READS, call_model, function_name, map_leaves
 
 # (atol, rtol) per dtype: a fold rounds each weight once, but deep nets accumulate that rounding.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -127,10 +126,10 @@ class Float64Mode(TorchFunctionMode):
         if name in _NARROWING_CASTS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             return _widen(args[0])
         if _is_inplace(name) and args:
-            args = (args[0], *tree_map(_widen, args[1:]))
+            args = (args[0], *map_leaves(_widen, args[1:]))
         else:
-            args = tree_map(_widen, args)
-        return tree_map(_widen, func(*args, **tree_map(_widen, kwargs)))
+            args = map_leaves(_widen, args)
+        return map_leaves(_widen, func(*args, **map_leaves(_widen, kwargs)))
 
 
 _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -117,28 +117,31 @@ def function_name(func: Callable) -> str:
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size, slice, type(...))
+_LEAVES = (torch.Tensor, *_PLAIN)
+
+
+def map_leaves(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """``tree_map`` for the arguments of one op: plain tuples, lists and dicts walked directly.
+
+    It runs for every op of a traced (or float64) run, where pytree's generic walk was a fifth of
+    the time; other containers (named tuples, registered pytree nodes) still go through pytree.
+    """
+    if isinstance(obj, _LEAVES):
+        return fn(obj)
+    if type(obj) in (tuple, list):
+        return type(obj)(map_leaves(fn, x) for x in obj)
+    if type(obj) is dict:
+        return {key: map_leaves(fn, value) for key, value in obj.items()}
+    return tree_map(fn, obj)
 
 
 def _without_tensors(obj: Any) -> Any:
     """Arguments with tensors replaced by None: nodes keep the dims and flags, not activations."""
-    if isinstance(obj, torch.Tensor):
-        return None
-    if isinstance(obj, _PLAIN):
-        return obj
-    if type(obj) in (tuple, list):
-        return type(obj)(_without_tensors(x) for x in obj)
-    if type(obj) is dict:
-        return {key: _without_tensors(value) for key, value in obj.items()}
-    return tree_map(lambda x: None if isinstance(x, torch.Tensor) else x, obj)
+    return map_leaves(lambda x: None if isinstance(x, torch.Tensor) else x, obj)
 
 
 def _tensors(obj: Any, found: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """The tensors in a (nested) argument or output, in order.
-
-    Plain tuples, lists and dicts are walked directly: this runs for every op of the traced run,
-    and pytree's generic flatten was a fifth of the trace's time. Other containers (named tuples,
-    ``ModelOutput``, registered pytree nodes) go through pytree.
-    """
+    """The tensors in a (nested) argument or output, in order (walked like :func:`map_leaves`)."""
     found = [] if found is None else found
     if isinstance(obj, torch.Tensor):
         found.append(obj)
