@@ -110,7 +110,7 @@ def is_atomic(module: nn.Module) -> bool:
 
 def function_name(func: Callable) -> str:
     """The name of a torch function or Tensor method/property as ``__torch_function__`` sees it."""
-    name = getattr(func, "__name__", repr(func))
+    name = getattr(func, "__name__", None) or repr(func)
     if name == "__get__":  # a Tensor property such as .shape or .T
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name
