@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -123,27 +125,39 @@ class _BiasAddedAfterConvTranspose:
     shapes: ``benchmarks/`` measured a grouped ConvTranspose2d 2.2x slower with a bias than
     without, and a separate add at 1.1x. Under ``torch.export`` / ``torch.onnx.export`` the layer
     is the plain op with its bias, so exported graphs keep one node. Same parameters and
-    state_dict keys as the torch class; ``isinstance`` checks against it still hold.
+    state_dict keys as the torch class; ``isinstance`` checks against it still hold; it can be
+    scripted (TorchScript) and traced.
     """
 
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if self.bias is None or torch.compiler.is_exporting():
-            return super().forward(input, output_size)
+    def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
         dims = len(self.kernel_size)
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, dims, self.dilation
         )
-        out = _CONV_TRANSPOSE[dims](
-            input, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation
-        )
-        return out + self.bias.view(-1, *([1] * dims))
+        bias = self.bias
+        if bias is None or _exporting():
+            return _conv_transpose(input, self.weight, bias, self.stride, self.padding, output_padding, self.groups,
+                                   self.dilation, dims)
+        out = _conv_transpose(input, self.weight, None, self.stride, self.padding, output_padding, self.groups,
+                              self.dilation, dims)
+        return out + bias.view([-1] + [1] * dims)
 
 
-_CONV_TRANSPOSE = {
-    1: nn.functional.conv_transpose1d,
-    2: nn.functional.conv_transpose2d,
-    3: nn.functional.conv_transpose3d,
-}
+def _exporting() -> bool:
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_exporting()
+
+
+def _conv_transpose(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
+                    padding: list[int], output_padding: list[int], groups: int, dilation: list[int],
+                    dims: int) -> torch.Tensor:
+    if dims == 1:
+        return nn.functional.conv_transpose1d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    if dims == 2:
+        return nn.functional.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return nn.functional.conv_transpose3d(input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 class BiasAfterConvTranspose1d(_BiasAddedAfterConvTranspose, nn.ConvTranspose1d):

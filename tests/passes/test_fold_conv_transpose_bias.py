@@ -77,3 +77,15 @@ def test_the_folded_model_saves_and_loads_through_normsurgeons_safe_loader(tmp_p
     assert type(loaded[0]) is BiasAfterConvTranspose2d
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_the_folded_model_can_still_be_scripted_and_traced():
+    """TorchScript is deprecated but still deployed: the class the fold puts in must not break it."""
+    x = torch.randn(2, 8, 5, 5)
+    model = _decoder(nn.ConvTranspose2d, nn.BatchNorm2d, groups=4, bias=False, x=x)
+    fold_batchnorm(model, (x,))
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(torch.jit.script(model)(x), expected)
+        assert torch.equal(torch.jit.trace(model, (x,))(x), expected)
