@@ -51,7 +51,8 @@ class MeanOnlyBatchNorm(nn.Module):
         shape = [1] * x.dim()
         shape[1] = -1
         if self.training:
-            mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
+            reduced = [0] + list(range(2, x.dim()))  # every dim but the channels (TorchScript: no comprehension ifs)
+            mean = x.mean(dim=reduced)
             self._track(mean)
         else:
             mean = self.running_mean
@@ -60,7 +61,8 @@ class MeanOnlyBatchNorm(nn.Module):
     def _track(self, batch_mean: torch.Tensor) -> None:
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            momentum = self.momentum
+            factor = 1.0 / float(self.num_batches_tracked) if momentum is None else momentum
             self.running_mean.lerp_(batch_mean.detach().to(self.running_mean.dtype), factor)
 
     def extra_repr(self) -> str:
