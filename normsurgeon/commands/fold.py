@@ -56,7 +56,9 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
 
     Writes MODEL.folded.pt (a pickled module of the model's own class, folded BNs replaced by
     nn.Identity; a .pt2 gives MODEL.folded.pt2) and exits 0 only when the folded model matches
-    the original on the example inputs.
+    the original on the example inputs. A grouped ConvTranspose that gets a bias from the fold
+    becomes normsurgeon's BiasAfterConvTranspose (torch's CPU kernel is slow with a bias); the
+    report says where.
 
     \b
     Examples:
