@@ -331,7 +331,7 @@ def _add_bias_after_grouped_conv_transposes(given_a_bias: list[nn.Module], flow:
             continue
         module.__class__ = replacement  # same parameters and state_dict keys, as torch's parametrize does
         report.notes.append(
-            f"{flow.module_paths[module]} is now a {replacement.__name__}: it adds the bias the fold gave it after "
+            f"layer {flow.module_paths[module]} is now a {replacement.__name__}: it adds the bias the fold gave it after "
             "the convolution, because torch's CPU grouped ConvTranspose is ~2x slower with a bias; it exports as "
             "one op, and loading the pickled model needs normsurgeon installed (the state_dict keys are unchanged)"
         )
