@@ -51,6 +51,15 @@ def input_options(func: Callable) -> Callable:
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
 
 
+def report_options(func: Callable) -> Callable:
+    """--json/--verbose: how the report and errors are printed (every command has them)."""
+    decorators = [
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+        click.option("--verbose", is_flag=True, help="Show full tracebacks for errors."),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+
+
 def output_options(func: Callable | None = None, *, default: str = "MODEL.out.pt beside MODEL") -> Callable:
     """-o/--force/--json/--verbose; ``@output_options(default="MODEL.folded.pt")`` names the default output."""
 
@@ -60,8 +69,7 @@ def output_options(func: Callable | None = None, *, default: str = "MODEL.out.pt
             click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE",
                          help=f"Where to write the result (default: {default})."),
             click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input)."),
-            click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
-            click.option("--verbose", is_flag=True, help="Show full tracebacks for errors."),
+            report_options,
         ]
         return functools.reduce(lambda g, d: d(g), reversed(decorators), f)
 

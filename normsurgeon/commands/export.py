@@ -15,6 +15,7 @@ from ..cli import (
     input_options,
     model_options,
     output_options,
+    report_options,
 )
 from ..io.inputs import resolve_inputs
 from ..io.loading import load_model
@@ -76,8 +77,7 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
 @_PROVIDER
 @_ATOL
 @_RTOL
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@report_options
 @handle_errors
 def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
            onnx_path: Path, input_shapes: tuple[str, ...], inputs_file: Path | None, providers: str,

@@ -8,15 +8,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import handle_errors, input_options, model_options
+from ..cli import handle_errors, input_options, model_options, report_options
 from ..errors import UsageError
 
 
 @click.command(short_help="List norm layers, what can be done with them, and hazards.")
 @model_options
 @input_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@report_options
 @handle_errors
 def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
             input_shapes: tuple[str, ...], inputs_file: Path | None, as_json: bool, verbose: bool) -> None:

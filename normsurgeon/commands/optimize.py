@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors
+from ..cli import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors, output_options
 from ..errors import UsageError
 from ..io.inputs import parse_input_shape
 from ..io.saving import check_output_path, default_output_path
@@ -14,16 +14,12 @@ from ..io.saving import check_output_path, default_output_path
 
 @click.command(short_help="Fold BatchNorm and fuse norms in an existing .onnx file.")
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE",
-              help="Where to write the result (default: MODEL.opt.onnx beside MODEL.onnx).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
               help="Concrete shape of each graph input, in order (repeat the option), for models with "
                    "symbolic dims, e.g. 1,3,224,224. No dtype: it comes from the model.")
 @click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
 @click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
-@click.option("--force", is_flag=True, help="Overwrite an existing output file (never the input).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--verbose", is_flag=True, help="Show full tracebacks for errors.")
+@output_options(default="MODEL.opt.onnx beside MODEL.onnx")
 @handle_errors
 def optimize(onnx_path: Path, output: Path | None, input_shapes: tuple[str, ...], atol: float | None,
              rtol: float | None, force: bool, as_json: bool, verbose: bool) -> None:
