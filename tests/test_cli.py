@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -179,32 +181,32 @@ def test_fold_affine_leaves_parameter_free_norms(tmp_path):
         torch.testing.assert_close(folded(ids), models.build("llama")(ids), rtol=1e-4, atol=1e-5)
 
 
+# A KeyboardInterrupt raised exactly when torch is imported, as a Ctrl-C in the first second of a
+# command raises it. (A real SIGINT lands at a random point: inside torch's C++ initialisation it
+# is sometimes swallowed or aborts in pybind11, outcomes normsurgeon cannot change; see docs/errors.md.)
+_INTERRUPT_AT_TORCH_IMPORT = """
+import sys
+class InterruptAtTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, InterruptAtTorch())
+"""
+
+
+def _run_interrupted(program: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _INTERRUPT_AT_TORCH_IMPORT + program],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+
+
 def test_ctrl_c_while_torch_is_still_importing_is_one_line_and_exit_130():
     """The first second or two of every command is importing torch; a Ctrl-C there is not a crash."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "normsurgeon", "--help"]
-    start = time.monotonic()
-    subprocess.run(command, env=env, capture_output=True, check=True, timeout=300)
-    startup = time.monotonic() - start  # mostly the torch import
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(startup / 4)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr
-    assert stderr.startswith("interrupted:") and stderr.count("\n") == 1 and "Traceback" not in stderr
+    for argv0 in ("normsurgeon", "-m"):  # the console script; python -m normsurgeon
+        done = _run_interrupted(f"sys.argv = [{argv0!r}, '--help']\nfrom normsurgeon.cli import main\nmain()\n")
+        assert done.returncode == 130, done.stderr
+        assert done.stderr == "interrupted: nothing was read or written\n" and done.stdout == ""
 
 
 def test_importing_normsurgeon_in_a_program_keeps_its_own_ctrl_c():
-    import subprocess
-    import sys
-
-    program = ("import _thread, threading; threading.Timer(0.2, _thread.interrupt_main).start()\n"
-               "try:\n    import normsurgeon\nexcept KeyboardInterrupt:\n    print('the program saw it')\n")
-    done = subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
+    done = _run_interrupted("try:\n    import normsurgeon\nexcept KeyboardInterrupt:\n    print('the program saw it')\n")
     assert done.returncode == 0 and done.stdout == "the program saw it\n", done.stderr
