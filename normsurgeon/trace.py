@@ -170,6 +170,7 @@ class _Recorder(TorchFunctionMode):
         self.atomic_depth = 0
         self.open_call: Node | None = None  # the atomic module call we are inside of
         self.external: dict[int, list[Node]] = {}
+        self.stepped_aside = False  # off the torch function stack while inside an atomic module
 
     # -- bookkeeping -------------------------------------------------------------------------
     def new_node(self, kind: str, name: str, **kw: Any) -> Node:
@@ -218,8 +219,23 @@ class _Recorder(TorchFunctionMode):
         return result
 
     # -- module hooks --------------------------------------------------------------------------
+    # Inside an atomic module nothing is recorded, so the mode steps off the torch function stack
+    # for the call: its ops (conv, batch_norm, relu) run without a detour through
+    # __torch_function__, and the hooks' own tensor reads (``t.shape``) are not intercepted.
+    def step_aside(self) -> None:
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:  # only if on top: never reorder modes
+            torch._C._pop_torch_function_stack()
+            self.stepped_aside = True
+
+    def step_back(self) -> None:
+        if self.stepped_aside:
+            torch._C._push_on_torch_function_stack(self)
+            self.stepped_aside = False
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.atomic_depth == 0:
+            self.step_aside()
             calls = self.calls.setdefault(module, [])
             node = self.new_node("module", self.paths.get(module, "?"), module=module, call=len(calls))
             calls.append(node)
@@ -232,9 +248,10 @@ class _Recorder(TorchFunctionMode):
         if self.atomic_depth == 0:
             self.produce(self.open_call, _tensors(output))
             self.open_call = None
+            self.step_back()
 
 
-def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | None = None) -> Trace:
+def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
     """Run ``model`` once on ``example_inputs`` (no grad) and record its dataflow.
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
@@ -252,7 +269,10 @@ def trace(model: nn.Module, example_inputs: tuple | dict, *, run: Callable | Non
     recorder.produce(input_node, _tensors(example_inputs))
     try:
         with torch.no_grad(), recorder:
-            outputs = call_model(model, example_inputs)
+            try:
+                outputs = call_model(model, example_inputs)
+            finally:  # an interrupt skips the post hook that would step back; the mode's exit pops it
+                recorder.step_back()
     except Exception as exc:  # the user's model failed on the user's inputs
         raise PreconditionError(
             f"the model failed on the example inputs ({type(exc).__name__}: {_first_line(exc)}); "
