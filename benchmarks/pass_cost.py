@@ -1,8 +1,7 @@
 """The cost of the passes themselves: time and peak extra memory of folding, by depth.
 
 On ResNet-style models (``models.resnet.build_resnet(depth, width=...)``, one 32x32 image as
-the example input) of growing depth, each method runs in a *fresh subprocess* on a fresh deep
-copy of the model, several times:
+the example input) of growing depth, each method runs on a fresh deep copy of the model:
 
 * ``forward`` — one plain no-grad forward pass, for scale;
 * ``ns_trace`` — normsurgeon's dataflow trace alone (part of the fold);
@@ -14,14 +13,19 @@ Time and memory are measured in separate subprocesses, because measuring memory 
 the passes down unevenly:
 
 * **time** is process CPU time (a shared machine's waits for a core are left out; torch runs on
-  the pinned thread count), with glibc's default allocator settings, as users run it;
+  the pinned thread count), with glibc's default allocator settings, as users run it. All methods
+  of one depth run in one fresh process, *interleaved*: every round calls each method once, in a
+  shuffled order, so a slow spell of the machine hits all of them alike; fold ÷ fx.fuse is the
+  median over rounds of the ratio within a round (methods timed in separate processes one after
+  the other moved ±25% against each other as the machine's load drifted);
 * **peak extra memory** is the resident-set high-water mark (``VmHWM``, reset through
-  ``/proc/self/clear_refs`` just before the call) minus the resident set just before it. RSS
-  sees everything the pass allocates: torch's CPU tensors (which ``tracemalloc`` does not see: a
-  50 MB ``torch.empty`` shows up there as 80 bytes) and Python objects (the trace's nodes). That
-  subprocess fixes glibc's mmap threshold (64 KiB), so a freed large tensor is returned to the OS
-  and a later allocation cannot hide in it. The price is an mmap and page faults for every
-  activation, which doubled the time of a forward pass, so no time is taken there.
+  ``/proc/self/clear_refs`` just before the call) minus the resident set just before it, each
+  method in its own fresh process. RSS sees everything the pass allocates: torch's CPU tensors
+  (which ``tracemalloc`` does not see: a 50 MB ``torch.empty`` shows up there as 80 bytes) and
+  Python objects (the trace's nodes). That subprocess fixes glibc's mmap threshold (64 KiB), so a
+  freed large tensor is returned to the OS and a later allocation cannot hide in it. The price is
+  an mmap and page faults for every activation, which doubled the time of a forward pass, so no
+  time is taken there.
 
 A warm-up run on a small model first loads the code paths, so their pages are not counted.
 """
@@ -33,6 +37,7 @@ import copy
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -41,6 +46,7 @@ import time
 from pathlib import Path
 
 METHODS = ("forward", "ns_trace", "ns_fold", "fx_fuse_copy", "fx_fuse_inplace")
+PEERS = ("fx_fuse_copy", "fx_fuse_inplace")
 _STATUS = "/proc/self/status"
 
 
@@ -89,8 +95,8 @@ def _method(name: str):
     }[name]
 
 
-def measure(model_path: str, method: str, reps: int, threads: int, probe: str) -> dict:
-    """CPU time (``probe="time"``) or peak extra RSS (``"memory"``) of ``method`` on deep copies of the model."""
+def _load(model_path: str, threads: int, warm_up: list[str]):
+    """The saved model and its example inputs, after one warm-up call of each method on a small model."""
     import warnings
 
     import torch
@@ -100,33 +106,63 @@ def measure(model_path: str, method: str, reps: int, threads: int, probe: str) -
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    run = _method(method)
     inputs = images(1)
-    _result = run(build_resnet(18, width=4), inputs)  # warm-up: load code paths
-    del _result
-    model = torch.load(model_path, weights_only=False)
-    seconds, peaks, checks = [], [], []
+    for name in warm_up:  # load code paths (and their pages) before anything is measured
+        _result = _method(name)(build_resnet(18, width=4), inputs)
+        del _result
+    return torch.load(model_path, weights_only=False), inputs
+
+
+def _fold_check(result) -> dict:
+    check = result.check
+    return {"passed": check.passed, "max_abs_diff": check.max_abs_diff, "atol": check.atol, "rtol": check.rtol}
+
+
+def measure_time(model_path: str, reps: int, threads: int) -> list[dict]:
+    """CPU seconds of every method on deep copies of the model, interleaved in shuffled rounds."""
+    model, inputs = _load(model_path, threads, list(METHODS))
+    runs = {name: _method(name) for name in METHODS}
+    seconds: dict[str, list[float]] = {name: [] for name in METHODS}
+    check = None
+    order = list(METHODS)
+    shuffle = random.Random(0).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
+            work = copy.deepcopy(model)
+            gc.collect()
+            start = time.process_time()
+            result = runs[name](work, inputs)
+            seconds[name].append(time.process_time() - start)
+            if name == "ns_fold" and check is None:
+                check = _fold_check(result)
+            del result, work
+    fold = seconds["ns_fold"]
+    ratios = {peer: statistics.median(a / b for a, b in zip(fold, seconds[peer], strict=True)) for peer in PEERS}
+    return [
+        {"method": name, "seconds": statistics.median(times), "seconds_all": times,
+         **({"check": check, "ratio_to": ratios} if name == "ns_fold" else {})}
+        for name, times in seconds.items()
+    ]
+
+
+def measure_memory(model_path: str, method: str, reps: int, threads: int) -> dict:
+    """Peak extra RSS of ``method`` on deep copies of the model (median over ``reps`` calls)."""
+    model, inputs = _load(model_path, threads, [method])
+    run = _method(method)
+    peaks = []
     can_reset = _reset_peak()
     for _ in range(reps):
         work = copy.deepcopy(model)
         gc.collect()
         before = _rss_kib("VmRSS")
         can_reset = _reset_peak() and can_reset
-        start = time.process_time()
         result = run(work, inputs)
-        seconds.append(time.process_time() - start)
         peak = _rss_kib("VmHWM")
-        if method == "ns_fold":
-            check = result.check
-            checks.append({"passed": check.passed, "max_abs_diff": check.max_abs_diff, "atol": check.atol,
-                           "rtol": check.rtol})
         if can_reset and before is not None and peak is not None:
             peaks.append(max(0, peak - before) * 1024)
         del result, work
         gc.collect()
-    if probe == "time":
-        return {"method": method, "seconds": statistics.median(seconds), "seconds_all": seconds,
-                "check": checks[0] if checks else None}
     return {
         "method": method,
         "peak_extra_bytes": statistics.median(peaks) if peaks else None,
@@ -160,33 +196,33 @@ def _run_worker(jobs: list[dict], threads: int, probe: str) -> list[dict]:
 def run_pass_cost(
     *, depths: tuple[int, ...], width: int, reps: int, threads: int, one_process: bool = False
 ) -> list[dict]:
-    """One row per (depth, method). ``one_process`` runs every job in one worker (smoke mode)."""
+    """One row per (depth, method). ``one_process`` measures every method's memory in one worker (smoke mode)."""
     import torch
 
     from benchmarks.subjects import count_batchnorms, weight_bytes
     from models.resnet import build_resnet
 
-    rows, jobs = [], []
+    rows = []
     with tempfile.TemporaryDirectory(prefix="nsbench-") as tmp:
-        facts = {}
         for depth in depths:
             model = build_resnet(depth, width=width)
-            path = Path(tmp) / f"resnet{depth}.pt"
+            path = str(Path(tmp) / f"resnet{depth}.pt")
             torch.save(model, path)
-            facts[depth] = {
-                "weight_bytes": weight_bytes(model), "batchnorms": count_batchnorms(model),
+            facts = {
+                "depth": depth, "width": width, "weight_bytes": weight_bytes(model),
+                "batchnorms": count_batchnorms(model),
                 "convs": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
             }
-            jobs += [{"depth": depth, "model_path": str(path), "method": m, "reps": reps} for m in METHODS]
-        batches = [jobs] if one_process else [[job] for job in jobs]
-        for batch in batches:
-            timed, sized = _run_worker(batch, threads, "time"), _run_worker(batch, threads, "memory")
-            for job, time_result, memory_result in zip(batch, timed, sized, strict=True):
-                row = {"depth": job["depth"], "width": width, **facts[job["depth"]], **time_result, **memory_result}
+            timed = _run_worker([{"model_path": path, "reps": reps}], threads, "time")
+            jobs = [{"model_path": path, "method": m, "reps": reps} for m in METHODS]
+            batches = [jobs] if one_process else [[job] for job in jobs]
+            sized = [result for batch in batches for result in _run_worker(batch, threads, "memory")]
+            for time_result, memory_result in zip(timed, sized, strict=True):
+                row = {**facts, **time_result, **memory_result}
                 rows.append(row)
                 mem = row["peak_extra_bytes"]
                 share = f"{mem / row['weight_bytes']:.2f}x weights" if mem is not None else "n/a"
-                print(f"  pass resnet{job['depth']} {job['method']}: {row['seconds']:.3f}s, peak extra {share}", flush=True)
+                print(f"  pass resnet{depth} {row['method']}: {row['seconds']:.3f}s, peak extra {share}", flush=True)
     return rows
 
 
@@ -197,8 +233,12 @@ def main() -> None:
     parser.add_argument("--probe", choices=("time", "memory"), required=True)
     args = parser.parse_args()
     for job in json.loads(args.worker):
-        result = measure(job["model_path"], job["method"], job["reps"], args.threads, args.probe)
-        print(json.dumps(result), flush=True)
+        if args.probe == "time":
+            results = measure_time(job["model_path"], job["reps"], args.threads)
+        else:
+            results = [measure_memory(job["model_path"], job["method"], job["reps"], args.threads)]
+        for result in results:
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

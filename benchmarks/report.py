@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.goals import EAGER_TARGET, ONNX_TARGET, export_overhead, goals
+from benchmarks.goals import EAGER_TARGET, ONNX_TARGET, export_overhead, fold_ratio, goals
+from benchmarks.pass_cost import PEERS
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.report -->"
 END = "<!-- END GENERATED -->"
@@ -189,8 +190,8 @@ def pass_section(section: dict) -> str:
         time_rows.append([
             f"ResNet-{depth}", any_row["batchnorms"], _mb(weights),
             *(f"{methods[k]['seconds']:.3f}" if k in methods else "–" for k, _ in PASS_METHODS),
-            f"{fold / methods['fx_fuse_copy']['seconds']:.2f} / {fold / methods['fx_fuse_inplace']['seconds']:.2f}"
-            if fold and "fx_fuse_copy" in methods and "fx_fuse_inplace" in methods else "–",
+            " / ".join(f"{fold_ratio(methods['ns_fold'], methods[peer], peer):.2f}" for peer in PEERS)
+            if fold and all(peer in methods for peer in PEERS) else "–",
             f"{1000 * fold / any_row['batchnorms']:.2f}" if fold else "–",
             _check_cell(methods.get("ns_fold", {}).get("check")),
         ])
@@ -209,7 +210,8 @@ def pass_section(section: dict) -> str:
         "",
         _command(section),
         "",
-        "Median process CPU seconds per call, each method in a fresh subprocess on a fresh copy:",
+        ("Median process CPU seconds per call on a fresh copy; the methods of one depth run interleaved in one "
+         "fresh process (shuffled rounds), and fold ÷ fx.fuse is the median of the per-round ratios:"),
         "",
         _table(["model", "BNs", "weights MiB", *(name for _, name in PASS_METHODS),
                 "fold ÷ fx.fuse (copy / inplace)", "fold ms per BN", "fold's own check"], time_rows),

@@ -44,7 +44,7 @@ class Config:
 
 
 FULL = Config(batches=(1, 8), eager_rounds=101, onnx_rounds=61, min_block_s=0.005,
-              depths=(18, 50, 101, 152), width=32, pass_reps=9, export_reps=3, transformers=True)
+              depths=(18, 50, 101, 152), width=32, pass_reps=15, export_reps=3, transformers=True)
 QUICK = Config(batches=(1,), eager_rounds=5, onnx_rounds=5, min_block_s=0.001,
                depths=(18,), width=4, pass_reps=1, export_reps=1, transformers=False)
 

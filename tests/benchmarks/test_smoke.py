@@ -38,8 +38,11 @@ def test_quick_benchmark_writes_results_tables_and_plot(tmp_path):
     assert eager["normsurgeon"]["norms_left"] == 0
     passes = results["sections"]["pass_cost"]["rows"]
     assert {row["method"] for row in passes} == {"forward", "ns_trace", "ns_fold", "fx_fuse_copy", "fx_fuse_inplace"}
-    assert all(row["seconds"] > 0 for row in passes)  # timed in one worker, memory measured in another
+    assert all(row["seconds"] > 0 for row in passes)  # timed in one worker, memory measured in others
     assert all("peak_extra_bytes" in row for row in passes)
+    (fold,) = [row for row in passes if row["method"] == "ns_fold"]  # timed interleaved with the peers
+    assert set(fold["ratio_to"]) == {"fx_fuse_copy", "fx_fuse_inplace"}
+    assert all(math.isfinite(r) and r > 0 for r in fold["ratio_to"].values())
 
     tables = (tmp_path / "out" / "tables.md").read_text()
     for heading in ("### Goals", "### 1. Eager", "### 2. onnxruntime", "### 3. Cost of the passes"):
