@@ -111,7 +111,8 @@ def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs
 class Float64Mode(TorchFunctionMode):
     """Run every torch function in float64: float inputs are converted per call, float results too.
 
-    Parameters stay as they are; a conv converts its own weight for its one call. Casts back to a
+    Parameters stay as they are; a conv or linear converts its own weight for its one call, a
+    large one block of output channels at a time (:func:`_layer_in_blocks`). Casts back to a
     narrower float (``x.float()``, ``x.to(self.weight.dtype)``, ``torch.ones(..., dtype=float32)``)
     are widened to float64, so no step rounds to float32. The ``self`` of an in-place op is left
     alone, so the op still writes to the tensor the model holds. Metadata reads (``x.shape``,
@@ -125,6 +126,10 @@ class Float64Mode(TorchFunctionMode):
             return func(*args, **kwargs)
         if name in _NARROWING_CASTS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             return _widen(args[0])
+        if name in _LAYER_OPS:
+            result = _layer_in_blocks(func, name, args, kwargs)
+            if result is not None:
+                return result
         if _is_inplace(name) and args:
             args = (args[0], *map_leaves(_widen, args[1:]))
         else:
@@ -134,6 +139,45 @@ class Float64Mode(TorchFunctionMode):
 
 _NARROW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _NARROWING_CASTS = frozenset({"float", "half", "bfloat16"})
+
+
+# The positional parameters of torch's conv and linear functions, in order.
+_LAYER_OPS = {
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv3d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "linear": ("input", "weight", "bias"),
+}
+_WEIGHT_BLOCK_ELEMENTS = 1 << 18  # 2 MiB of float64 weight widened at a time
+
+
+def _layer_in_blocks(func: Any, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A conv or linear with a large weight, in float64, one block of output channels at a time.
+
+    Widening the whole weight for the call would hold it twice (ResNet-152's largest conv: 4.5 MiB
+    of float64, more than a forward pass of the model needs); each output channel depends only on
+    its own rows of the weight, so the blocks are computed apart and written into one output.
+    None (compute it the plain way) for small weights and grouped convs.
+    """
+    call = dict(zip(_LAYER_OPS[name], args), **kwargs)
+    weight, bias = call.get("weight"), call.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _NARROW_FLOATS or weight.dim() < 2:
+        return None
+    if call.get("groups", 1) != 1 or weight.numel() <= _WEIGHT_BLOCK_ELEMENTS:
+        return None
+    call = {key: _widen(value) for key, value in call.items() if key not in ("weight", "bias")}
+    channel_dim = -1 if name == "linear" else call["input"].dim() - weight.dim() + 1  # 0 for an unbatched input
+    rows = max(1, _WEIGHT_BLOCK_ELEMENTS // weight[0].numel())
+    out = None
+    for start in range(0, weight.shape[0], rows):
+        block = slice(start, start + rows)
+        part = func(weight=weight[block].double(), bias=None if bias is None else _widen(bias[block]), **call)
+        if out is None:
+            shape = list(part.shape)
+            shape[channel_dim] = weight.shape[0]
+            out = part.new_empty(shape)
+        out.narrow(channel_dim, start, part.shape[channel_dim]).copy_(part)
+    return out
 
 
 def _is_inplace(name: str) -> bool:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.resnet import build_resnet
+from normsurgeon import check
 from normsurgeon.check import Float64Mode, rounding_noise
 
 
@@ -88,3 +89,48 @@ def test_rounding_noise_is_unknown_for_float64_models_and_models_that_cannot_run
 
     x = torch.randn(2, 3)
     assert rounding_noise(Float32Only(), (x,), Float32Only()(x)) is None
+
+
+@pytest.mark.parametrize(
+    "layer, x",
+    [
+        (nn.Conv2d(256, 256, 3, padding=1), torch.randn(1, 256, 4, 4)),
+        (nn.Conv1d(300, 200, 3, bias=False, dilation=2), torch.randn(2, 300, 9)),
+        (nn.Conv3d(64, 80, 3, stride=2), torch.randn(1, 64, 5, 5, 5)),
+        (nn.Conv2d(64, 64, 3, padding="same", padding_mode="reflect"), torch.randn(1, 64, 6, 6)),
+        (nn.Linear(512, 300), torch.randn(2, 5, 512)),
+        (nn.Conv2d(64, 96, 3), torch.randn(64, 7, 7)),  # unbatched: the channels are dim 0
+        (nn.Conv2d(256, 256, 3, groups=4), torch.randn(1, 256, 5, 5)),  # grouped: widened whole
+    ],
+    ids=["conv2d", "conv1d-dilated", "conv3d-strided", "conv2d-reflect", "linear-3d", "conv2d-unbatched",
+         "conv2d-grouped"],
+)
+def test_large_layers_run_in_float64_blocks_that_give_the_whole_layers_result(layer, x, monkeypatch):
+    monkeypatch.setattr(check, "_WEIGHT_BLOCK_ELEMENTS", 5000)  # many blocks, and a last one that is smaller
+    with torch.no_grad(), Float64Mode():
+        out = layer(x)
+    expected = _float64_copy_outputs(layer, x)
+    assert out.dtype == torch.float64 and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-13, rtol=1e-13)
+    assert layer.weight.dtype == torch.float32
+
+
+def test_the_float64_run_never_widens_a_large_weight_whole():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat64(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    LargestFloat64.largest = max(LargestFloat64.largest, t.numel())
+            return out
+
+    model = nn.Sequential(nn.Conv2d(1024, 1024, 1), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 2048))
+    x = torch.randn(1, 1024, 1, 1)
+    with torch.no_grad(), Float64Mode(), LargestFloat64():
+        out = model(x)
+    torch.testing.assert_close(out, _float64_copy_outputs(model, x), atol=1e-13, rtol=1e-13)
+    assert LargestFloat64.largest <= check._WEIGHT_BLOCK_ELEMENTS < 1024 * 1024  # the weights: 8 and 16 MiB
