@@ -8,7 +8,7 @@ every BN normsurgeon folded replaced by ``nn.Identity``):
 * ``fx_fuse`` — ``torch.fx.experimental.optimization.fuse(model)``; when it cannot trace the
   model, or its result differs from the original, that is recorded instead of a time;
 * ``normsurgeon`` — ``fold_batchnorm(model, inputs)`` on a copy;
-* ``limit_bias`` — the limit plus a zero bias in every layer normsurgeon folded into that had
+* ``limit_bias`` — the limit plus a bias in every layer normsurgeon folded into that had
   none: the cheapest network a fold can produce that leaves each BN's shift as a bias;
 * ``limit_again`` — a second copy of the limit: an A/A control, whose distance from 1 is the
   resolution of the measurement;
@@ -31,7 +31,7 @@ from benchmarks.subjects import (
     count_batchnorms,
     max_rel_diff,
     norm_free_limit,
-    with_zero_biases,
+    with_biases,
 )
 from benchmarks.timing import interleaved
 from normsurgeon import fold_batchnorm
@@ -67,7 +67,7 @@ def prepare_variants(subject: Subject) -> dict[str, Any]:
         "limit": {"model": limit, "norms_left": count_batchnorms(limit), "status": "ok"},
         "limit_again": {"model": copy.deepcopy(limit), "norms_left": count_batchnorms(limit), "status": "ok"},
         "limit_bias": {
-            "model": with_zero_biases(limit, [c.into for c in report.changed("folded") if c.into]),
+            "model": with_biases(limit, [c.into for c in report.changed("folded") if c.into]),
             "norms_left": count_batchnorms(limit),
             "status": "ok",
         },

@@ -91,6 +91,14 @@ def goals(results: dict) -> list[tuple[str, str, str]]:
             out.append((f"onnx: {label} within 1% of the limit", "met" if not over else
                         f"not met ({len(over)}/{len(rows)})", f"worst {worst[0]} {worst[1]:.3f}; "
                         f"{_resolution(rows, 'variants')}" + (f"; over: {', '.join(over)}" if over else "")))
+            own = [(f"{r['model']} b{r['batch']}", r["variants"][key]["ratio"] / r["variants"]["limit_bias"]["ratio"])
+                   for r in rows if "ratio" in r["variants"].get(key, {}) and "ratio" in r["variants"].get("limit_bias", {})]
+            if own:
+                own_over = [f"{n} {ratio:.3f}" for n, ratio in own if ratio > ONNX_TARGET]
+                name, ratio = max(own, key=lambda item: item[1])
+                out.append((f"onnx: {label} within 1% of limit + biases (the fold's own overhead)",
+                            "met" if not own_over else f"not met ({len(own_over)}/{len(own)})",
+                            f"worst {name} {ratio:.3f}" + (f"; over: {', '.join(own_over)}" if own_over else "")))
         timed = [r for r in rows if r["batch"] == rows[0]["batch"]]  # the batch whose exports ran repeatedly
         diffs = [(r["model"], d) for r in timed if (d := export_overhead(r, "wall")) is not None]
         if diffs:

@@ -11,7 +11,7 @@ CPU, timed interleaved, as a ratio to the norm-free limit:
 * ``onnxslim`` — ``onnxslim.slim`` on the plain file, when onnxslim is installed;
 * ``ns_export`` — ``normsurgeon.onnx.export.export_onnx`` (fold, export, verify);
 * ``ns_optimize`` — ``normsurgeon.onnx.optimize.optimize_onnx`` on the plain file;
-* ``limit_bias`` — the limit with a zero bias in each layer a BN was folded into that had none
+* ``limit_bias`` — the limit with a bias in each layer a BN was folded into that had none
   (the floor of any fold, see :mod:`benchmarks.eager`), exported the same way;
 * ``limit_again`` — the limit's file again, in sessions of its own: an A/A control (the resolution);
 * ``limit`` — the norm-free limit exported with torch's defaults, the baseline.
@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from benchmarks.subjects import Subject, flat_outputs, norm_free_limit, with_zero_biases
+from benchmarks.subjects import Subject, flat_outputs, norm_free_limit, with_biases
 from benchmarks.timing import interleaved
 from normsurgeon import fold_batchnorm
 from normsurgeon.onnx.export import export_onnx, quiet
@@ -194,7 +194,7 @@ def run_onnx(
         folded = copy.deepcopy(model)
         report = fold_batchnorm(folded, subject.inputs(2))
         limit = norm_free_limit(model, [c.module for c in report.changed("folded")])
-        limit_bias = with_zero_biases(limit, [c.into for c in report.changed("folded") if c.into])
+        limit_bias = with_biases(limit, [c.into for c in report.changed("folded") if c.into])
         for batch in batches:
             inputs = subject.inputs(batch)
             with torch.no_grad():

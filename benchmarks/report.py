@@ -86,7 +86,7 @@ def eager_section(section: dict) -> str:
         "",
         _table(header, rows),
         "",
-        ("*limit + biases*: the limit with a zero bias in each layer a BN was folded into that had none: "
+        ("*limit + biases*: the limit with a bias (1e-3) in each layer a BN was folded into that had none: "
         "the cheapest network a fold that leaves each shift in a layer's bias can produce (on a grouped "
         "ConvTranspose normsurgeon adds the shift after the conv instead, where torch's kernel is slow with a "
         "bias: convtranspose_decoder b8). *A/A*: a second copy of the limit, timed like the others: "

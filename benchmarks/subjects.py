@@ -110,18 +110,23 @@ def norm_free_limit(model: nn.Module, folded_paths: list[str]) -> nn.Module:
     return limit.eval()
 
 
-def with_zero_biases(model: nn.Module, paths: list[str]) -> nn.Module:
-    """A copy of ``model`` where the layers at ``paths`` that have no bias get a zero one.
+BIAS_VALUE = 1e-3  # not zero: torch.onnx's optimizer drops a Conv bias that is all zeros
+
+
+def with_biases(model: nn.Module, paths: list[str]) -> nn.Module:
+    """A copy of ``model`` where the layers at ``paths`` that have no bias get one (every entry 1e-3).
 
     Folding a BN into a bias-free conv must add a bias; this is the cheapest net any fold can
     produce (the norm-free limit plus those biases), which tells the bias's cost from the fold's.
+    The value only has to survive export: a zero bias is removed by ``torch.onnx.export``'s
+    optimizer, which made the ONNX *limit + biases* the bare limit again.
     """
     biased = copy.deepcopy(model)
     for path in set(paths):
         layer = biased.get_submodule(path)
         if getattr(layer, "bias", "absent") is None:
             size = layer.out_channels if hasattr(layer, "out_channels") else layer.out_features
-            layer.bias = nn.Parameter(torch.zeros(size, dtype=layer.weight.dtype), requires_grad=False)
+            layer.bias = nn.Parameter(torch.full((size,), BIAS_VALUE, dtype=layer.weight.dtype), requires_grad=False)
     return biased
 
 

@@ -52,3 +52,16 @@ def test_fold_time_is_judged_by_the_per_round_ratio_when_the_methods_ran_interle
     assert verdicts["pass: fold time (trace included) ≤ fx.fuse (copy)"] == ("met", "ResNet-18 0.90×, ResNet-50 0.90×")
     inplace_verdict, inplace_numbers = verdicts["pass: fold time (trace included) ≤ fx.fuse (inplace)"]
     assert inplace_verdict == "not met (2/2)" and inplace_numbers.startswith("ResNet-18 1.20× (0.040 s vs 0.030 s)")
+
+
+def test_onnx_fold_overhead_is_judged_against_limit_plus_biases():
+    def row(model: str, ns: float, limit_bias: float) -> dict:
+        variants = {"ns_export": {"ratio": ns}, "ns_optimize": {"ratio": ns}, "limit_bias": {"ratio": limit_bias},
+                    "limit_again": {"ratio": 1.0}, "torch_default": {"ratio": ns}}
+        return {"model": model, "batch": 1, "variants": variants}
+
+    rows = [row("a", 1.03, 1.025), row("b", 1.05, 1.02)]  # b: 1.05 / 1.02 = 1.029 over limit + biases
+    verdicts = {goal: (v, n) for goal, v, n in goals({"sections": {"onnx": {"rows": rows}}})}
+    verdict, numbers = verdicts["onnx: export_onnx within 1% of limit + biases (the fold's own overhead)"]
+    assert verdict == "not met (1/2)" and numbers == "worst b b1 1.029; over: b b1 1.029"
+    assert verdicts["onnx: export_onnx within 1% of the limit"][0] == "not met (2/2)"
