@@ -20,13 +20,15 @@ All but the first run with ``ORT_ENABLE_ALL``. Each file's calls rotate over
 ``SESSIONS_PER_FILE`` sessions of it, which averages out the differences between sessions. Op
 counts are taken from the file and from the graph onnxruntime really runs
 (``optimized_model_filepath``): an unfoldable BatchNormalization there shows up as an extra
-(NCHWc depthwise) Conv, not as a BatchNormalization.
+(NCHWc depthwise) Conv, not as a BatchNormalization. That graph's :func:`graph_signature` tells
+when two files make onnxruntime run the very same program, where a timing difference is noise.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import itertools
 import tempfile
 import time
@@ -63,6 +65,30 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
         "Conv": sum(counts[op] for op in CONV_OPS),
         "nodes": len(model.graph.node),
     }
+
+
+def graph_signature(model: onnx.ModelProto) -> str:
+    """A digest of the program a graph describes, without names or weight values.
+
+    Each node: op type, domain, attributes (tensor attributes by shape), and where each input
+    comes from (a graph input, a constant of some shape, or output k of an earlier node). Two
+    graphs with the same digest run the same kernels on the same shapes in the same order.
+    """
+    sources: dict[str, object] = {value.name: ("input", k) for k, value in enumerate(model.graph.input)}
+    sources.update({tensor.name: ("constant", tuple(tensor.dims)) for tensor in model.graph.initializer})
+    digest = hashlib.sha256()
+    for index, node in enumerate(model.graph.node):
+        attributes = sorted((a.name, _attribute_text(a)) for a in node.attribute)
+        inputs = [sources.get(name, name) if name else None for name in node.input]
+        digest.update(repr((node.op_type, node.domain, attributes, inputs)).encode())
+        sources.update({name: ("node", index, k) for k, name in enumerate(node.output)})
+    return digest.hexdigest()[:16]
+
+
+def _attribute_text(attribute: onnx.AttributeProto) -> str:
+    if attribute.type == onnx.AttributeProto.TENSOR:
+        return f"tensor{tuple(attribute.t.dims)}"
+    return str(onnx.helper.get_attribute_value(attribute))
 
 
 def session(path: Path, threads: int, *, optimize: bool, save_to: Path | None = None) -> ort.InferenceSession:
@@ -239,6 +265,7 @@ def _measure(files, inputs, expected, folder: Path, rounds: int, min_block_s: fl
             "max_rel_diff": diff,
             "file_ops": op_counts(onnx.load(target)),
             "ort_ops": op_counts(onnx.load(seen)),
+            "ort_graph": graph_signature(onnx.load(seen)),
         }
         if name.startswith("limit"):
             variants[name]["max_rel_diff"] = None  # computes something else by construction

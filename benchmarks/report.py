@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.goals import EAGER_TARGET, ONNX_TARGET, export_overhead, fold_ratio, goals
+from benchmarks.goals import EAGER_TARGET, ONNX_TARGET, export_overhead, fold_ratio, goals, same_program
 from benchmarks.pass_cost import PEERS
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.report -->"
@@ -126,7 +126,7 @@ def onnx_section(section: dict) -> str:
                 extra = ops["ort_ops"]["Conv"] - limit_convs if limit_convs is not None else 0
                 cells.append(
                     f"{ops['file_ops']['BatchNormalization']} → {ops['ort_ops']['BatchNormalization']}"
-                    + (f" (+{extra} Conv)" if extra > 0 else "")
+                    + (f" (+{extra} Conv)" if extra > 0 else "") + (" ≡" if same_program(v, key, "limit_bias") else "")
                 )
             op_rows.append([row["model"], v["limit"]["ort_ops"]["Conv"], *cells])
         seconds = row.get("export_seconds", {})
@@ -155,7 +155,8 @@ def onnx_section(section: dict) -> str:
         "",
         (f"BatchNormalization nodes in the file → in the graph onnxruntime runs (`optimized_model_filepath`, "
         f"`ORT_ENABLE_ALL`), batch {section['rows'][0]['batch']}; `+n Conv`: onnxruntime runs n more convs "
-        "than the limit, i.e. it hid n BNs as (NCHWc depthwise) convs:"),
+        "than the limit, i.e. it hid n BNs as (NCHWc depthwise) convs; ≡: onnxruntime runs the very same program "
+        "as for *limit + biases* (ops, attributes, shapes and wiring; only the weight values differ):"),
         "",
         _table(op_header, op_rows),
         "",

@@ -25,3 +25,29 @@ def test_limit_plus_biases_keeps_its_biases_through_torchs_onnx_export():
     convs = [n for n in nodes if n.op_type == "Conv"]
     assert convs and all(len(n.input) == 3 for n in convs)  # a zero bias would have been dropped here
     assert "BatchNormalization" not in {n.op_type for n in nodes}
+
+
+def _conv_graph(weight_value: float, *, names: str = "", second_input: str = "h", pads: int = 1):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((4, 4, 3, 3), weight_value, np.float32), names + "w")
+    nodes = [
+        helper.make_node("Conv", ["x", names + "w"], [names + "h"], pads=[pads] * 4),
+        helper.make_node("Add", [names + "h", names + second_input], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+    )
+    return onnx.helper.make_model(graph)
+
+
+def test_graph_signature_names_the_program_not_its_names_or_weight_values():
+    from benchmarks.onnx_runtime import graph_signature
+
+    base = graph_signature(_conv_graph(0.5))
+    assert graph_signature(_conv_graph(-2.0, names="other_")) == base  # values and names do not matter
+    assert graph_signature(_conv_graph(0.5, pads=0)) != base  # attributes do
+    assert graph_signature(_conv_graph(0.5, second_input="w")) != base  # and so does where an input comes from
