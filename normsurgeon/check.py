@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .errors import VerificationError
+from .errors import PreconditionError, VerificationError
 from .report import Check, OutputDiff
 from .trace import METADATA_READS, call_model, function_name, map_leaves
 
@@ -72,6 +72,13 @@ def compare_outputs(
     if not ref_items:
         diffs.append(OutputDiff("output", float("nan"), float("nan"), float("nan"), False, "no tensor outputs"))
     return Check(tuple(diffs), atol=atol, rtol=rtol, label=label)
+
+
+def require_tensor_outputs(outputs: Any) -> None:
+    """Refuse, before any edit, a model whose outputs hold no tensor: no change to it could be checked."""
+    if not flatten_outputs(outputs):
+        raise PreconditionError(f"the model returned no tensors (it returned {type(outputs).__name__}), so no change "
+                                "to it can be checked against the original; make forward() return its outputs")
 
 
 def mismatch_error(check: Check, changed: str) -> VerificationError:

@@ -122,6 +122,8 @@ def _check_finite(stats: BatchNormStats) -> None:
         raise NotBatchNorm(SkipReason.NONFINITE_STATS, f"non-finite values in {culprit}")
     if (stats.var < 0).any():
         raise NotBatchNorm(SkipReason.NONFINITE_STATS, "negative running_var")
+    if (stats.var.double() + stats.eps == 0).any():
+        raise NotBatchNorm(SkipReason.NONFINITE_STATS, "running_var + eps is 0: it divides by zero")
 
 
 def never_updated(module: nn.Module, stats: BatchNormStats) -> bool:

@@ -3,6 +3,7 @@ layer's weight whether it is a plain parameter or weight-normalized (w = g * v /
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,28 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 ParentIndex = dict[int, list[tuple[nn.Module, str, str]]]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for layers with the old weight-norm hook.
+
+    That hook keeps the computed weight as a plain (non-leaf) tensor attribute, which deepcopy
+    refuses ("Only Tensors created explicitly by the user ... support the deepcopy protocol");
+    it is left out of the copy and recomputed there from the copied g and v, as the hook would.
+    """
+    computed = [(module, hook.name) for module in model.modules() for hook in module._forward_pre_hooks.values()
+                if isinstance(hook, WeightNorm) and hook.name in module.__dict__]
+    values = [module.__dict__.pop(name) for module, name in computed]
+    try:
+        copied = copy.deepcopy(model)
+    finally:
+        for (module, name), value in zip(computed, values):
+            module.__dict__[name] = value
+    for module in copied.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                setattr(module, hook.name, hook.compute_weight(module))
+    return copied
 
 
 def module_parents(model: nn.Module) -> ParentIndex:
@@ -109,8 +132,23 @@ class EditableWeight:
                 setattr(self.module, "weight", w.clone())
 
 
+def foreign_hooks(module: nn.Module, *, pre: bool = True, post: bool = True) -> list[str]:
+    """Names of the forward pre-hooks (``pre``) and forward hooks (``post``) on ``module``, weight norm's aside.
+
+    An edit that changes what a module receives or returns changes what its hooks see (or drops
+    them with the module); a pre-hook may also recompute the weight (old ``spectral_norm``) and
+    undo the edit. Passes refuse such modules rather than guess what the hooks do.
+    """
+    hooks = [h for h in module._forward_pre_hooks.values() if not isinstance(h, WeightNorm)] if pre else []
+    hooks += list(module._forward_hooks.values()) if post else []
+    return [getattr(hook, "__name__", type(hook).__name__) for hook in hooks]
+
+
 def editable_weight(module: nn.Module) -> EditableWeight | str:
-    """The module's weight, ready to edit, or the reason it cannot be edited exactly."""
+    """The module's weight, ready to edit, or the reason it (or its bias, which folds also write) cannot be."""
+    if parametrize.is_parametrized(module, "bias"):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations.bias)
+        return f"bias is parametrized by {kinds}"
     if parametrize.is_parametrized(module, "weight"):
         plist = module.parametrizations.weight
         if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
@@ -130,8 +168,14 @@ def editable_weight(module: nn.Module) -> EditableWeight | str:
 
 
 def ensure_bias(module: nn.Module, size: int, like: torch.Tensor) -> torch.Tensor:
-    """The module's bias, created as zeros (same dtype/device as ``like``) when it has none."""
+    """The module's bias, created as zeros (same dtype/device as ``like``) when it has none.
+
+    The new bias trains when the layer's own parameters do (``like`` is often ``weight.data``,
+    which never requires grad), and is a normal tensor even under ``torch.inference_mode``, so
+    the folded model can still be fine-tuned.
+    """
     if getattr(module, "bias", None) is None:
-        module.bias = nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device),
-                                   requires_grad=like.requires_grad)
+        trainable = any(p.requires_grad for p in module.parameters())
+        with torch.inference_mode(False):
+            module.bias = nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device), requires_grad=trainable)
     return module.bias

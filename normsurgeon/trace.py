@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import PreconditionError
+from .errors import PreconditionError, UsageError
 
 METADATA_READS = frozenset(
     {
@@ -256,6 +256,7 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
     """
+    refuse_unusable(model, example_inputs)
     paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
     owned = _parameters_and_buffers(paths)
     _refuse_meta(owned.values(), example_inputs)
@@ -284,6 +285,24 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
     output_node = recorder.new_node("output", "output")
     recorder.consume(output_node, _tensors(outputs))
     return Trace(recorder.nodes, recorder.calls, recorder.paths, outputs, recorder.external)
+
+
+def refuse_unusable(model: nn.Module, example_inputs: Any) -> None:
+    """Refuse, with the fix, inputs and wrappers the trace would misread or could not hook."""
+    if isinstance(example_inputs, torch.Tensor):
+        raise UsageError("example_inputs is a Tensor: pass a tuple of positional arguments, e.g. (x,), "
+                         "or a dict of keyword arguments")
+    if not isinstance(example_inputs, (tuple, list, dict)):
+        raise UsageError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
+                         f"not {type(example_inputs).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PreconditionError("the model is a TorchScript module (torch.jit.script/trace), which cannot be hooked "
+                                "or edited as Python code: pass the nn.Module it was made from, then script the result")
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        raise PreconditionError("the model is wrapped by torch.compile: pass model._orig_mod (the module it compiled), "
+                                "then compile the result")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise PreconditionError(f"the model is wrapped in {type(model).__name__}: pass model.module, then wrap the result")
 
 
 def _parameters_and_buffers(paths: dict[nn.Module, str]) -> dict[int, tuple[str, torch.Tensor]]:

@@ -27,7 +27,6 @@ default is 23: the highest opset where ORT runs the export and every norm is a n
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import linecache
 import logging
@@ -53,6 +52,7 @@ from ..io.saving import write_atomically
 from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.weight_norm import remove_weight_norm, weight_norm_sites
 from ..report import Report
+from ..surgery import copy_model
 from .runtime import resolve_providers
 from .verify import batch_size, verify_onnx
 
@@ -122,7 +122,7 @@ def export_onnx(
     opset = DEFAULT_OPSET if opset is None else opset
     resolve_providers(providers)  # an unavailable provider fails before the slow work
     report = Report("export")
-    work = copy.deepcopy(model)
+    work = copy_model(model)
     if model.training:
         report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
     work.eval()

@@ -12,7 +12,6 @@ model needs fine-tuning.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import dataclass
 from typing import Literal
@@ -20,12 +19,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..check import compare_outputs, mismatch_error
+from ..check import compare_outputs, mismatch_error, require_tensor_outputs
 from ..errors import PreconditionError, UsageError
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import replace_module, shared_parameter_ids
+from ..surgery import copy_model, foreign_hooks, replace_module, shared_parameter_ids
 from ..trace import Trace, call_model, trace
 from .convert_centring import CentringPlan, apply_centring, plan_centring
 from .convert_rules import NotConvertible, Rule, described, find_rule
@@ -77,10 +76,11 @@ def convert_norms(
         raise PreconditionError("the model is in training mode (BatchNorm uses batch statistics, dropout is random); "
                                 "call model.eval() first (CLI: --eval)")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     label = target.cli_name if target is not None else NATIVE
     report = Report("convert", model=model, facts={"to": label})
     flow = trace(model, example_inputs)
+    require_tensor_outputs(flow.outputs)
     recognition = recognize_norms(model, flow)
     selected = _select(recognition, source_kind, only, report)
     shared = shared_parameter_ids(model)
@@ -149,6 +149,11 @@ def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
     for info in infos:
         if info.native and (target is None or info.kind is target):
             continue  # already what was asked for
+        hooks = foreign_hooks(info.module)
+        if hooks:
+            report.skipped.append(Skip(info.path, SkipReason.HOOKED,
+                                       f"its forward hooks ({', '.join(hooks)}) would be dropped with it"))
+            continue
         rule = find_rule(info, target)
         if rule is None:
             wanted = target.spec.title if target is not None else "a torch layer"
@@ -167,7 +172,7 @@ def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
 
 def _approximate_required(model: nn.Module, example_inputs: tuple | dict, inexact: list[_Item], **options) -> UsageError:
     """The error for an approximate conversion without ``approximate``, with the difference it would make."""
-    trial = convert_norms(copy.deepcopy(model), example_inputs, approximate=True, **options)
+    trial = convert_norms(copy_model(model), example_inputs, approximate=True, **options)
     check = trial.checks[-1]
     names = ", ".join(item.info.path for item in inexact[:3]) + (f" and {len(inexact) - 3} more" if len(inexact) > 3 else "")
     first = inexact[0]

@@ -42,7 +42,7 @@ from ..recognize import NormInfo, NormKind, Recognition
 from ..report import Change, SkipReason
 from ..surgery import editable_weight
 from ..trace import Trace, Value
-from .fold_batchnorm import Refused, _check_editable
+from .fold_batchnorm import Refused, check_editable
 from .fold_norm_affine import apply_affine_fold, plan_affine_fold
 
 _STREAM_PLACEMENTS = (Placement.PRE_NORM, Placement.FINAL_NORM)
@@ -183,7 +183,7 @@ def _check_writer(flow: Trace, module: nn.Module, stream: set[int], width: int, 
     if _out_features(module) != width:
         raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, f"{path} writes {_out_features(module)} features, the stream has {width}")
     try:
-        _check_editable(flow, module, shared)
+        check_editable(flow, module, shared, output_changes=True)
     except Refused as refusal:
         raise Refused(refusal.reason, f"{refusal.detail}: it writes to the residual stream and cannot be centred alone") from None
 

@@ -16,22 +16,30 @@ the report says why.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..check import compare_outputs, mismatch_error, rounding_noise
+from ..check import compare_outputs, mismatch_error, require_tensor_outputs, rounding_noise
 from ..errors import PreconditionError
 from ..layout import axis_after, axis_before, is_layout_op
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import ParentIndex, editable_weight, ensure_bias, module_parents, replace_module, shared_parameter_ids
-from ..trace import Node, Trace, Value, call_model, trace
+from ..surgery import (
+    ParentIndex,
+    copy_model,
+    editable_weight,
+    ensure_bias,
+    foreign_hooks,
+    module_parents,
+    replace_module,
+    shared_parameter_ids,
+)
+from ..trace import Node, Trace, Value, call_model, refuse_unusable, trace
 
 _NOISE_FACTOR = 4  # a fold may differ from the original by this many times the model's rounding noise
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -76,15 +84,17 @@ def fold_batchnorm(
     With ``inplace=False`` the model is deep-copied first; ``report.model`` is the folded model.
     A failed check raises :class:`VerificationError` (with ``raise_on_mismatch``).
     """
+    refuse_unusable(model, example_inputs)
     if model.training:
         raise PreconditionError(
             "the model is in training mode, where BatchNorm uses batch statistics; "
             "call model.eval() first (CLI: --eval) to fold its test-time behaviour"
         )
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     report = Report("fold", model=model)
     flow = trace(model, example_inputs)
+    require_tensor_outputs(flow.outputs)
     shared = shared_parameter_ids(model)
     parents = module_parents(model)
     given_a_bias: list[nn.Module] = []
@@ -161,6 +171,9 @@ def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: b
                       "(a functional call, or its forward() called directly)")
     if not calls:
         raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+    hooks = foreign_hooks(norm)
+    if hooks:
+        raise Refused(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would be dropped with it")
     first_input = flow.data_input(calls[0])
     try:
         stats = batchnorm_stats(norm, first_input.shape if first_input else None)
@@ -173,7 +186,7 @@ def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: b
         try:
             targets = planner(flow, calls)
             for target in targets:
-                _check_editable(flow, target, shared)
+                check_editable(flow, target, shared, output_changes=planner is _producer_targets)
             return FoldPlan(norm, stats, targets, into_producer=planner is _producer_targets)
         except Refused as refusal:
             if refusal.reason is not SkipReason.NO_FOLDABLE_NEIGHBOUR:
@@ -182,8 +195,16 @@ def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: b
     raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats)
 
 
-def _check_editable(flow: Trace, target: nn.Module, shared: set[int]) -> None:
+def check_editable(flow: Trace, target: nn.Module, shared: set[int], *, output_changes: bool = False) -> None:
+    """Refuse a layer whose weight cannot be changed in place exactly, or whose hooks would notice.
+
+    Its forward pre-hooks always count (they see a changed input, or recompute the weight); its
+    forward hooks only when the edit changes what it returns (``output_changes``).
+    """
     path = flow.module_paths[target]
+    hooks = foreign_hooks(target, post=output_changes)
+    if hooks:
+        raise Refused(SkipReason.HOOKED, f"{path} has forward hooks ({', '.join(hooks)}) that would see different values")
     if any(id(p) in shared for p in target.parameters()):
         raise Refused(SkipReason.SHARED_PARAMETER, f"{path} shares its weight with another module")
     if any(flow.uses_outside(p) for p in target.parameters()):

@@ -15,20 +15,18 @@ weight 1 (bias 0), frozen. Arithmetic is float64, cast back once.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from ..check import compare_outputs, mismatch_error
+from ..check import compare_outputs, mismatch_error, require_tensor_outputs
 from ..errors import PreconditionError
 from ..maths import input_shift_contribution, scale_channels_
 from ..placement import describe, is_conv1d, users_through
 from ..recognize import NormInfo, NormKind, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import editable_weight, ensure_bias, shared_parameter_ids
+from ..surgery import copy_model, editable_weight, ensure_bias, foreign_hooks, shared_parameter_ids
 from ..trace import Trace, call_model, trace
-from .fold_batchnorm import Refused, _check_editable
+from .fold_batchnorm import Refused, check_editable
 
 _FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
 
@@ -50,9 +48,10 @@ def fold_norm_affines(
     if model.training:
         raise PreconditionError("the model is in training mode (dropout is random); call model.eval() first")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     report = Report("fold-affine", model=model)
     flow = trace(model, example_inputs)
+    require_tensor_outputs(flow.outputs)
     recognition = recognize_norms(model, flow)
     for item in recognition.unrecognized:
         report.skipped.append(Skip(item.path, SkipReason.NOT_A_NORM, item.detail))
@@ -87,6 +86,9 @@ def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.M
         raise Refused(SkipReason.FUNCTIONAL_USE, "its weight or bias is read by code outside it")
     if not calls:
         raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+    hooks = foreign_hooks(info.module, pre=False)
+    if hooks:
+        raise Refused(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would see its output without the affine")
     reads: dict[nn.Module, int] = {}
     for call in calls:
         if not call.outputs:
@@ -102,7 +104,7 @@ def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.M
             raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
         if in_features(module) != info.num_features:
             raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} does not read the normalized features")
-        _check_editable(flow, module, shared)
+        check_editable(flow, module, shared)
     return list(reads)
 
 

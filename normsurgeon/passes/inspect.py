@@ -9,7 +9,6 @@ so inspect never promises what a pass would refuse.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 from ..placement import Where, place_norms
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Report
-from ..surgery import shared_parameter_ids
+from ..surgery import copy_model, shared_parameter_ids
 from ..trace import Trace, trace
 from .convert_centring import plan_centring
 from .convert_rules import NotConvertible, find_rule
@@ -70,7 +69,7 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
     """Describe every norm layer of ``model`` as it runs on ``example_inputs``; changes nothing."""
     training = {path for path, m in model.named_modules() if m.training}
     if training:  # trace an eval-mode copy: a train-mode BatchNorm would update its statistics (or
-        model = copy.deepcopy(model).eval()  # fail on one value per channel); the dataflow is the same
+        model = copy_model(model).eval()  # fail on one value per channel); the dataflow is the same
     flow = trace(model, example_inputs)
     recognition = recognize_norms(model, flow)
     report = InspectReport("inspect")

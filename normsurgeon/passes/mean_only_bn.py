@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..check import compare_outputs
 from ..modules import MeanOnlyBatchNorm
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import replace_module
+from ..surgery import foreign_hooks, replace_module
 from ..trace import Trace, call_model
 from .fold_batchnorm import Refused, _producer_targets
 from .recalibrate import eval_mode
@@ -62,6 +62,10 @@ def _weight_normed_producer(flow: Trace, bn: nn.Module, normed: set[nn.Module], 
     calls = flow.calls_of(bn)
     if not calls:
         report.skipped.append(Skip(path, SkipReason.NOT_CALLED, "kept as BatchNorm"))
+        return None
+    hooks = foreign_hooks(bn)
+    if hooks:
+        report.skipped.append(Skip(path, SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would be dropped with it"))
         return None
     try:
         (producer,) = _producer_targets(flow, calls)
