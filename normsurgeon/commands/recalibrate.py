@@ -26,7 +26,8 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
                 batches: int | None, batch_size: int | None) -> None:
     """Reset and re-estimate every BatchNorm's running mean/var from --data.
 
-    Uses an exact cumulative average over the batches (not the training momentum), with only
+    Each BatchNorm gets the exact mean and variance of every sample it received, pooled over
+    all batches (not the training momentum, nor an average of per-batch statistics), with only
     the BatchNorm layers in train mode. The check compares outputs before and after on a
     held-out batch: informational (recalibration changes outputs on purpose), it fails only
     when the new outputs are not finite. Writes MODEL.recalibrated.pt in MODEL's own form.

@@ -3,8 +3,11 @@
 After weight averaging (SWA, model soups), pruning, quantization-aware edits, or a checkpoint
 whose stats were never updated, BN's running mean/var no longer describe the activations it
 sees, and eval-mode outputs are wrong. Recalibration resets every BN's stats and re-estimates
-them from the user's batches as an exact cumulative average (``momentum=None``: the mean of the
-per-batch statistics), not with the training momentum.
+them from the user's batches: the exact mean and (unbiased) variance of every sample each BN
+received, pooled over all batches in float64 (:class:`_PooledStats`). torch's cumulative average
+(``momentum=None``, what ``update_bn`` uses) averages per-batch statistics instead: it weights a
+small last batch like a full one and leaves out the spread between batch means, so data sorted
+by class or by source gets too small a variance.
 
 Unlike ``torch.optim.swa_utils.update_bn``: only the BN layers go to train mode (dropout and the
 rest stay in eval), it runs under ``no_grad``, takes dict batches, restores every module's mode
@@ -141,9 +144,42 @@ def _restore(bn: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             getattr(bn, name).copy_(value)
 
 
+class _PooledStats:
+    """A forward pre-hook that pools one BN's input statistics over every batch (Chan et al.'s merge).
+
+    Per batch, torch's ``var_mean`` (Welford, in the input's dtype, no float64 copy of the
+    activation); across batches, count-weighted in float64.
+    """
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        dims = [0, *range(2, x.dim())]
+        n = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        delta = mean.double() - self.mean
+        total = self.count + n
+        self.mean += delta * (n / total)
+        self.m2 += var.double() * n + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def write(self, bn: nn.Module) -> None:
+        """Set ``bn``'s running statistics to the pooled ones (torch keeps the unbiased variance)."""
+        with torch.no_grad():
+            bn.running_mean.copy_(self.mean)
+            if getattr(bn, "running_var", None) is not None:
+                bn.running_var.copy_(self.m2 / max(self.count - 1, 1))
+
+
 def _accumulate(model: nn.Module, norms: list[nn.Module], calibration: list[Batch], *, progress: bool) -> None:
-    """BN layers (only) in train mode with momentum=None, one no-grad forward per batch."""
+    """BN layers (only) in train mode, one no-grad forward per batch; then each BN gets its pooled statistics."""
     momenta = [bn.momentum for bn in norms]
+    pools = [_PooledStats(bn.running_mean.numel(), bn.running_mean.device) for bn in norms]
+    handles = [bn.register_forward_pre_hook(pool) for bn, pool in zip(norms, pools)]
     with preserved_modes(model):
         model.eval()
         for bn in norms:
@@ -155,8 +191,13 @@ def _accumulate(model: nn.Module, norms: list[nn.Module], calibration: list[Batc
                 for index, batch in _progress(calibration, progress):
                     _forward(model, batch, index)
         finally:
+            for handle in handles:
+                handle.remove()
             for bn, momentum in zip(norms, momenta):
                 bn.momentum = momentum
+    for bn, pool in zip(norms, pools):
+        if pool.count:
+            pool.write(bn)
 
 
 def _forward(model: nn.Module, batch: Batch, index: int) -> None:

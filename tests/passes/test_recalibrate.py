@@ -202,3 +202,31 @@ def test_empty_folder_and_nonfinite_data_are_refused(tmp_path):
     assert torch.equal(model.bn1.running_mean, before)  # the old statistics came back
     with pytest.raises(PreconditionError, match="no BatchNorm"):
         recalibrate(nn.Linear(3, 3), [torch.randn(4, 3)])
+
+
+def test_statistics_are_pooled_over_every_sample_not_averaged_per_batch():
+    # batches of different sizes and different means (data sorted by source): torch's cumulative
+    # average (momentum=None) would weight the 2-sample batch like the 14-sample one and miss the
+    # spread between the batch means (0.79 off in mean, 0.56 in variance here)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randn(2, 3, generator=generator) + 3, torch.randn(14, 3, generator=generator),
+            torch.randn(16, 3, generator=generator)]  # the last batch is held out for the check
+    recalibrate(model, data)
+    with torch.no_grad():
+        seen = torch.cat([model[0](batch) for batch in data[:2]]).double()
+    torch.testing.assert_close(model[1].running_mean.double(), seen.mean(0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model[1].running_var.double(), seen.var(0), atol=1e-5, rtol=1e-5)  # unbiased, like torch
+
+
+def test_pooled_statistics_of_conv_features_match_one_big_batch():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5)).eval()
+    generator = torch.Generator().manual_seed(1)
+    data = [torch.randn(size, 3, 6, 6, generator=generator) * (1 + i) + i for i, size in enumerate((3, 7, 2, 4))]
+    recalibrate(model, data)
+    with torch.no_grad():
+        seen = torch.cat([model[0](batch) for batch in data[:-1]]).double()
+    dims = (0, 2, 3)
+    torch.testing.assert_close(model[1].running_mean.double(), seen.mean(dims), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model[1].running_var.double(), seen.var(dims), atol=1e-5, rtol=1e-5)
+    assert int(model[1].num_batches_tracked) == 3
