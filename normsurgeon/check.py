@@ -75,10 +75,14 @@ def compare_outputs(
 
 
 def require_tensor_outputs(outputs: Any) -> None:
-    """Refuse, before any edit, a model whose outputs hold no tensor: no change to it could be checked."""
-    if not flatten_outputs(outputs):
+    """Refuse, before any edit, a model whose outputs hold no value: no change to it could be checked."""
+    tensors = [t for _, t in flatten_outputs(outputs)]
+    if not tensors:
         raise PreconditionError(f"the model returned no tensors (it returned {type(outputs).__name__}), so no change "
                                 "to it can be checked against the original; make forward() return its outputs")
+    if all(t.numel() == 0 for t in tensors):
+        raise PreconditionError("the model's outputs on the example inputs are empty (a batch of 0 samples?), so no "
+                                "change to it can be checked; pass example inputs with at least one sample")
 
 
 def mismatch_error(check: Check, changed: str) -> VerificationError:

@@ -95,3 +95,10 @@ def test_a_copy_is_folded_even_with_the_old_weight_norm_hook():
     assert folded is not model and isinstance(folded[1], nn.Identity)
     torch.testing.assert_close(folded(_x(1)), model(_x(1)), atol=1e-5, rtol=1e-4)
     assert folded[0].weight_v is not model[0].weight_v
+
+
+def test_empty_example_inputs_are_refused_rather_than_checked_vacuously():
+    model = _conv_bn()
+    with pytest.raises(PreconditionError, match="outputs on the example inputs are empty"):
+        fold_batchnorm(model, (torch.randn(0, 3, 8, 8),))
+    assert isinstance(model[1], nn.BatchNorm2d)
