@@ -47,6 +47,19 @@ def module_parents(model: nn.Module) -> ParentIndex:
     return index
 
 
+def turn_into_identity(module: nn.Module) -> None:
+    """Make ``module`` itself a fresh ``nn.Identity`` (no parameters, buffers or hooks).
+
+    For references to a removed module that :func:`replace_module` cannot reach (a Python list,
+    a closure, a ``functools.partial`` the model keeps): the object they hold now computes x -> x.
+    """
+    training = module.training
+    module.__dict__.clear()
+    module.__class__ = nn.Identity
+    nn.Module.__init__(module)
+    module.training = training
+
+
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, parents: ParentIndex | None = None) -> list[str]:
     """Register ``new`` wherever ``old`` is registered in ``model``; returns the paths replaced.
 

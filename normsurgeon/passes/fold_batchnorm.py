@@ -38,6 +38,7 @@ from ..surgery import (
     module_parents,
     replace_module,
     shared_parameter_ids,
+    turn_into_identity,
 )
 from ..trace import Node, Trace, Value, call_model, refuse_unusable, trace
 
@@ -98,6 +99,7 @@ def fold_batchnorm(
     shared = shared_parameter_ids(model)
     parents = module_parents(model)
     given_a_bias: list[nn.Module] = []
+    removed: dict[nn.Module, str] = {}
     for path, module in _batchnorm_modules(model):
         try:
             plan = _plan(flow, module, shared, allow_default_stats)
@@ -109,19 +111,45 @@ def fold_batchnorm(
             continue
         given_a_bias += _apply(plan)
         replace_module(model, module, nn.Identity(), parents)
+        removed[module] = path
         for target in plan.targets:
             side = "producer" if plan.into_producer else "consumer"
             report.changes.append(Change("folded", path, flow.module_paths[target], f"into its {side}"))
     _add_bias_after_grouped_conv_transposes(given_a_bias, flow, report)
     _note_functional_batchnorm(flow, report)
-    with torch.no_grad():
-        folded_outputs = call_model(model, example_inputs)
+    folded_outputs = _run_folded(model, example_inputs, removed, report)
     report.check = compare_outputs(flow.outputs, folded_outputs, atol=atol, rtol=rtol, label="folded vs original")
     if not report.check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
         _accept_rounding_noise(model, example_inputs, flow.outputs, folded_outputs, report)
     if raise_on_mismatch and not report.check.passed:
         raise mismatch_error(report.check, "the folded model")
     return report
+
+
+def _run_folded(model: nn.Module, example_inputs: tuple | dict, removed: dict[nn.Module, str], report: Report) -> Any:
+    """The folded model's outputs; a folded BN the model still calls through a plain reference becomes an Identity.
+
+    The fold replaces a BN where the module tree registers it; a model that also keeps it in a
+    Python list, a closure or a ``functools.partial`` would still call the old module, applying
+    the BN twice. Such a call is caught here and that very object turned into the identity the
+    fold meant, so every reference agrees.
+    """
+    stale: list[nn.Module] = []
+    handles = [bn.register_forward_pre_hook(lambda module, args: stale.append(module)) for bn in removed]
+    try:
+        with torch.no_grad():
+            outputs = call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not stale:
+        return outputs
+    for bn in dict.fromkeys(stale):
+        turn_into_identity(bn)
+        report.notes.append(f"{removed[bn]} is also called through a reference outside the module tree (a list, "
+                            "closure or partial): that object was turned into an nn.Identity as well")
+    with torch.no_grad():
+        return call_model(model, example_inputs)
 
 
 def _note_functional_batchnorm(flow: Trace, report: Report) -> None:

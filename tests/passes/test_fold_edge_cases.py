@@ -566,3 +566,52 @@ def test_functional_layer_norm_with_a_modules_weight_is_refused_as_functional_us
     assert report.changes == []
     assert [(s.module, s.reason) for s in report.skipped] == [("ln", SkipReason.FUNCTIONAL_USE)]
     assert torch.equal(_run(model, x), _run(original, x))
+
+
+class _StepsInAList(nn.Module):
+    """Keeps its layers in a plain Python list too (not a ModuleList): the list holds the BN object itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.steps = [self.conv, self.bn, F.relu]
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+class _BatchNormInAClosure(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        bn = self.bn
+        self.normalize = lambda x: bn(x)
+
+    def forward(self, x):
+        return self.normalize(self.conv(x))
+
+
+@pytest.mark.parametrize("build", [_StepsInAList, _BatchNormInAClosure])
+def test_a_bn_also_held_outside_the_module_tree_is_folded_everywhere(build):
+    model = give_realistic_stats(build(), _x(2, 3, 8, 8))
+    fresh = _x(2, 3, 8, 8, seed=5)
+    with torch.no_grad():  # not a deep copy: deepcopy shares the closure, and with it the very BN folded below
+        expected = model(fresh)
+    report = fold_batchnorm(model, (_x(1, 3, 8, 8),))
+    assert [c.action for c in report.changes] == ["folded"] and report.check.passed
+    assert any("outside the module tree" in note for note in report.notes)
+    assert isinstance(model.bn, nn.Identity) and not list(model.bn.parameters())
+    assert "bn.running_mean" not in model.state_dict()
+    torch.testing.assert_close(model(fresh), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_folded_bn_held_only_by_the_module_tree_is_replaced_not_changed():
+    model = give_realistic_stats(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), _x(2, 3, 8, 8))
+    bn = model[1]
+    report = fold_batchnorm(model, (_x(1, 3, 8, 8),))
+    assert isinstance(model[1], nn.Identity) and isinstance(bn, nn.BatchNorm2d)  # a reference the caller kept works
+    assert not any("outside the module tree" in note for note in report.notes)
