@@ -8,6 +8,7 @@ failed; 7 export failed; 8 output not written; 130 interrupted. See docs/errors.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
+from . import _started_as_the_cli
 from .errors import NormSurgeonError
 from .render import print_report, render_json
 
@@ -126,15 +128,37 @@ class NormSurgeonGroup(click.Group):
         prog_name = prog_name or "normsurgeon"
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        seen = _watch_for_ctrl_c()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as error:
             _stderr.print(f"error: {_click_message(error)}", markup=False)
             sys.exit(error.exit_code)
-        except click.Abort:  # Ctrl-C while click parses
+        except (click.Abort, KeyboardInterrupt):  # Ctrl-C while click parses, or while a command's modules import
             _stderr.print(INTERRUPTED, markup=False)
             sys.exit(130)
+        except Exception:
+            if seen:  # a Ctrl-C inside an extension's import surfaces as its ImportError
+                _stderr.print(INTERRUPTED, markup=False)
+                sys.exit(130)
+            raise
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _watch_for_ctrl_c() -> list[bool]:
+    """A list that gets an entry when SIGINT arrives; Python's own handler still raises KeyboardInterrupt."""
+    seen: list[bool] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        seen.append(True)
+        signal.default_int_handler(signum, frame)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread: no handler to install
+            pass
+    return seen
 
 
 def _click_message(error: click.ClickException) -> str:
@@ -194,8 +218,13 @@ def failed_check_message(report: Any) -> str:
 
 
 def _register_commands() -> None:
-    from .commands import COMMANDS
-
+    try:  # the commands import onnx, onnxruntime, rich ...: a Ctrl-C then is the CLI's, not a crash
+        from .commands import COMMANDS
+    except KeyboardInterrupt:
+        if not _started_as_the_cli():
+            raise
+        sys.stderr.write("interrupted: nothing was read or written\n")
+        raise SystemExit(130) from None
     for command in COMMANDS:
         main.add_command(command)
 

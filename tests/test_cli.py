@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
+import pytest
 import torch
 
 import models
@@ -210,3 +212,40 @@ def test_ctrl_c_while_torch_is_still_importing_is_one_line_and_exit_130():
 def test_importing_normsurgeon_in_a_program_keeps_its_own_ctrl_c():
     done = _run_interrupted("try:\n    import normsurgeon\nexcept KeyboardInterrupt:\n    print('the program saw it')\n")
     assert done.returncode == 0 and done.stdout == "the program saw it\n", done.stderr
+
+
+def test_ctrl_c_while_the_commands_import_their_libraries_is_one_line_and_exit_130():
+    """After torch, the commands import onnx, onnxruntime and rich: a Ctrl-C there is not a crash either."""
+    program = _INTERRUPT_AT_TORCH_IMPORT.replace('name == "torch"', 'name == "normsurgeon.commands"')
+    done = subprocess.run([sys.executable, "-c", program + "sys.argv = ['normsurgeon', '--help']\n"
+                           "from normsurgeon.cli import main\nmain()\n"],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted: nothing was read or written\n" and done.stdout == ""
+
+
+def test_ctrl_c_that_an_import_turned_into_an_import_error_is_still_an_interrupt(capsys):
+    """onnxruntime's C extension reports a Ctrl-C during its initialisation as ImportError."""
+    import signal
+
+    from normsurgeon.cli import main
+
+    @main.command("fails-to-import")
+    @click.option("--ctrl-c", is_flag=True)
+    def fails_to_import(ctrl_c: bool) -> None:
+        if ctrl_c:
+            try:  # what the extension's init does with the KeyboardInterrupt a Ctrl-C raises
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass
+        raise ImportError("initialization failed")
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["fails-to-import", "--ctrl-c"])
+        assert exit_info.value.code == 130 and capsys.readouterr().err.startswith("interrupted:")
+        with pytest.raises(ImportError):  # with no Ctrl-C it stays what it is, with its traceback
+            main.main(["fails-to-import"])
+    finally:
+        main.commands.pop("fails-to-import")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
