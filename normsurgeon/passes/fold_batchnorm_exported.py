@@ -12,11 +12,13 @@ tensor, and the BN node is removed. BNs in any other position are reported as sk
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
 
 from ..check import compare_outputs
+from ..errors import PreconditionError
 from ..maths import batchnorm_scale_shift, scale_channels_
 from ..report import Change, Report, Skip, SkipReason
 
@@ -41,8 +43,7 @@ def fold_batchnorm_exported(
     ``example_inputs`` default to the example inputs stored in the program.
     """
     args, kwargs = _inputs(program, example_inputs)
-    with torch.no_grad():
-        reference = program.module()(*args, **kwargs)
+    reference = _run(program, args, kwargs)
     report = Report("fold", model=program)
     tensors = _Tensors(program)
     for node in list(program.graph.nodes):
@@ -54,6 +55,24 @@ def fold_batchnorm_exported(
         folded = program.module()(*args, **kwargs)
     report.check = compare_outputs(reference, folded, atol=atol, rtol=rtol, label="folded vs original")
     return report
+
+
+def _run(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> Any:
+    """The program's outputs, or the inputs it was exported for when it refuses these (its guards)."""
+    try:
+        with torch.no_grad():
+            return program.module()(*args, **kwargs)
+    except Exception as exc:
+        stored = program.example_inputs
+        shapes = ""
+        if stored is not None:
+            found = [tuple(t.shape) for t in (*stored[0], *stored[1].values()) if isinstance(t, torch.Tensor)]
+            shapes = f"; it was exported for inputs of shape {', '.join(map(str, found))}" if found else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PreconditionError(
+            f"the .pt2 program does not run on the example inputs ({type(exc).__name__}: {first}){shapes}; "
+            "pass --input-shape/--inputs it accepts, or re-export it with dynamic shapes"
+        ) from exc
 
 
 def _inputs(program: torch.export.ExportedProgram, example_inputs: tuple | dict | None) -> tuple[tuple, dict]:

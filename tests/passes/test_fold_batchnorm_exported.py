@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from normsurgeon import PreconditionError
 from normsurgeon.passes.fold_batchnorm_exported import fold_batchnorm_exported
 from tests.helpers import give_realistic_stats
 
@@ -58,3 +59,11 @@ def test_conv_output_with_another_user_is_not_folded():
     report = fold_batchnorm_exported(program)
     assert report.changes == []
     assert "conv2d's output also goes to add" in report.skipped[0].detail
+
+
+def test_inputs_the_program_was_not_exported_for_are_a_clear_error_not_a_guard_traceback():
+    model = give_realistic_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(4, 3, 8, 8))
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),))  # static shapes: batch 1, 8x8
+    with pytest.raises(PreconditionError, match=r"does not run on the example inputs .*exported for inputs of shape "
+                       r"\(1, 3, 8, 8\); pass --input-shape/--inputs it accepts, or re-export it with dynamic shapes"):
+        fold_batchnorm_exported(program, (torch.randn(2, 3, 8, 8),))
