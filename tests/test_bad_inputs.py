@@ -240,6 +240,7 @@ EMPTY = Problem(3, "file is empty", "expected a pickled nn.Module")
 TRUNCATED = Problem(3, "truncated or corrupt zip archive", "re-save or re-download")
 TEXT = Problem(3, "it looks like text", "expected a pickled nn.Module")
 JPEG = Problem(3, "not a torch.save or torch.export file", "expected a pickled nn.Module")
+ONNX_AS_MODEL = Problem(3, "an ONNX file where a PyTorch model was expected", "'normsurgeon optimize' takes .onnx files")
 LIST = Problem(3, "holds a list of 3 items, not a model", "expected a pickled nn.Module")
 EVIL = Problem(4, "refusing to unpickle: it references os.system", "--trust-pickle if you trust this file")
 STATE_DICT = Problem(2, "holds a state_dict (weights without the architecture)", "pass --factory")
@@ -314,7 +315,7 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
         "missing": ("missing.pt", MISSING), "empty": ("empty.pt", EMPTY), "truncated": ("truncated.pt", TRUNCATED),
         "text": ("notes.txt", TEXT), "jpeg": ("photo.jpg", JPEG), "pickled-list": ("list.pt", LIST),
         "malicious-pickle": ("evil.pt", EVIL), "state-dict-without-factory": ("weights.pt", STATE_DICT),
-        "folder": ("adir", FOLDER),
+        "folder": ("adir", FOLDER), "onnx-file": ("net.onnx", ONNX_AS_MODEL),
     }
     for command in COMMANDS.values():
         name = command.name.replace(" ", "-")

@@ -143,6 +143,9 @@ def _sniff(path: Path, *, expected: str = EXPECTED_FORMS) -> Literal["pt2", "tor
         return _sniff_zip(path, expected=expected)
     if head[:1] == b"\x80":
         return "pickle"
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":  # ModelProto starts with field 1, ir_version
+        raise LoadError(f"{path}: an ONNX file where a PyTorch model was expected; 'normsurgeon optimize' takes "
+                        ".onnx files, and 'normsurgeon verify MODEL FILE.onnx' takes the PyTorch model first")
     raise LoadError(f"{path}: not a torch.save or torch.export file ({_describe_bytes(head)}); {expected}")
 
 
