@@ -33,7 +33,8 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @model_options
 @input_options
 @output_options(default="MODEL.onnx beside MODEL, e.g. model.pt -> model.onnx")
-@click.option("--no-fold", is_flag=True, help="Export without folding BatchNorm first.")
+@click.option("--no-fold", is_flag=True, help="Export without folding BatchNorm first (torch.onnx's optimizer "
+              "still fuses a BatchNorm right after a conv; the report says when it did).")
 @click.option("--opset", type=int, default=None,
               help="ONNX opset (default 23: the highest where onnxruntime runs the export and "
                    "LayerNorm, GroupNorm and RMSNorm are native ops).")

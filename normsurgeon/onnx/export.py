@@ -45,6 +45,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from ..errors import ExportError, LoadError
@@ -137,6 +138,8 @@ def export_onnx(
         program = _export(work, example_inputs, opset, dynamic_batch, verbose, report)
         _save(program.model, tmp, path, force=force, protect=protect, report=report)
         report.facts.update(describe_model(program.model))
+        if not fold:
+            _note_batchnorms_torch_folded(work, report)
         try:
             verified = verify_onnx(
                 model, tmp, example_inputs, providers=providers, atol=atol, rtol=rtol, extra_inputs=input_sets[1:]
@@ -153,6 +156,17 @@ def export_onnx(
     _write_with_data_cleanup(path, write, force=force, protect=protect)
     report.facts["file_bytes"] = path.stat().st_size
     return report
+
+
+def _note_batchnorms_torch_folded(model: nn.Module, report: Report) -> None:
+    """Under --no-fold, say when torch.onnx's own optimizer folded BatchNorms: the file has fewer than the model."""
+    in_model = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    in_file = report.facts["op_histogram"].get("BatchNormalization", 0)
+    if in_file < in_model:
+        report.notes.append(
+            f"normsurgeon folded no BatchNorm (--no-fold), but torch.onnx.export's optimizer fused {in_model - in_file} "
+            f"of the model's {in_model} into the convs before them; the file has {in_file} BatchNormalization nodes"
+        )
 
 
 def resize_batch(inputs: tuple | dict, batch: int | None = None) -> tuple | dict:

@@ -182,6 +182,15 @@ def test_without_fold_the_batchnorm_ships(tmp_path):
     assert report.facts["op_histogram"]["BatchNormalization"] == 1
     assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm"]
     assert [p.name for p in pre_export_passes(fold=True)] == ["remove_weight_norm", "fold_batchnorm"]
+    assert not any("torch.onnx.export's optimizer fused" in note for note in report.notes)
+
+
+def test_without_fold_the_report_says_when_torchs_optimizer_fused_the_batchnorms_itself(tmp_path):
+    report = export_onnx(conv_bn(), image(), tmp_path / "c.onnx", fold=False)
+    assert report.passed and not report.changes
+    assert report.facts["op_histogram"]["BatchNormalization"] == 0
+    assert ("normsurgeon folded no BatchNorm (--no-fold), but torch.onnx.export's optimizer fused 1 of the model's 1 "
+            "into the convs before them; the file has 0 BatchNormalization nodes") in report.notes
 
 
 def test_training_mode_model_is_exported_in_eval_mode_and_left_training(tmp_path):
