@@ -373,6 +373,10 @@ def describe_export_failure(exc: BaseException, model: nn.Module, *, verbose: bo
         fix = "rewrite it with torch.where / torch.cond, or move it out of the model"
     elif "ConstraintViolationError" in names or "Constraints violated" in text:
         what, fix = "the model fixes the batch size, so dim 0 cannot be dynamic", "export without --dynamic-batch"
+    elif output := re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", text):
+        what = f"the model returns a {output[1].rsplit('.', 1)[-1]} ({output[1]}), which ONNX outputs cannot hold"
+        fix = ("set model.config.use_cache = False before saving the model (transformers), or return only tensors"
+               if "cache" in output[1].lower() else "make forward() return tensors, or tuples/dicts of them")
     else:
         root = chain[-1]
         what, fix = f"{type(root).__name__}: {_first_line(root)}", "rewrite that code so torch.export can trace it"
@@ -441,10 +445,18 @@ def _last_stack_entry(stack_trace: str) -> str | None:
     return f"{Path(file).name}:{line} `{code.strip()[:80]}`"
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The message's first line; a long one is cut after its last full sentence (or word) within ``limit``."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the exporter colours its messages
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    line = lines[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit]
+    sentence = cut.rfind(". ")
+    return cut[: sentence + 1] if sentence > limit // 2 else cut[: cut.rfind(" ")] + " ..."
 
 
 __all__ = [

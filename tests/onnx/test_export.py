@@ -324,6 +324,39 @@ def test_other_export_failures_keep_the_root_cause_on_one_line(convbn):
     )
 
 
+class _ReturnsACache(nn.Module):
+    """Returns an object of an unregistered class, as transformers' models return a DynamicCache."""
+
+    class DynamicCache:
+        def __init__(self, keys: torch.Tensor) -> None:
+            self.keys = keys
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, self.DynamicCache(y)
+
+
+def test_an_output_onnx_cannot_hold_is_named_with_the_fix(tmp_path):
+    with pytest.raises(ExportError) as caught:
+        export_onnx(_ReturnsACache().eval(), (torch.randn(2, 4),), tmp_path / "c.onnx")
+    message = str(caught.value)
+    assert message.startswith("cannot export the model to ONNX: the model returns a DynamicCache (")
+    assert "set model.config.use_cache = False before saving the model (transformers), or return only tensors" in message
+    assert files_in(tmp_path) == []
+
+
+def test_a_long_root_cause_is_cut_after_a_sentence_not_mid_word(convbn):
+    first = "The cause, said at length: " + "this and that, " * 7 + "and so on."  # 132 characters
+    message = describe_export_failure(RuntimeError(first + " Se" + "e the docs for more " * 8), convbn)
+    assert f"RuntimeError: {first}; rewrite that code" in message  # not "... Se;", as torch's own message got cut
+    message = describe_export_failure(RuntimeError("word " * 60), convbn)
+    assert "RuntimeError: " + "word " * 39 + "word ...; rewrite" in message
+
+
 # --------------------------------------------------------------------------- providers
 
 
