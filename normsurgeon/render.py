@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from rich.console import Console
@@ -43,11 +44,16 @@ def print_report(report: Report, console: Console, *, title: str, facts: dict[st
 
 
 def print_check(check: Check, console: Console) -> None:
-    table = Table(title=f"check: {check.label} (pass if max|diff| <= {check.atol:g} + {check.rtol:g}*max|ref|)",
-                  title_justify="left")
+    informational = math.isinf(check.atol)  # measured, not judged (an approximate conversion)
+    rule = "informational: not expected to match" if informational else (
+        f"pass if max|diff| <= {check.atol:g} + {check.rtol:g}*max|ref|")
+    table = Table(title=f"check: {check.label} ({rule})", title_justify="left")
     for column in ("output", "max abs diff", "max rel diff", "cosine", "result"):
         table.add_column(column)
     for out in check.outputs:
-        verdict = "[green]pass[/green]" if out.passed else f"[red]FAIL[/red] {out.detail}".rstrip()
+        if informational and out.passed:
+            verdict = "[yellow]differs[/yellow]" if out.max_abs_diff > 0 else "same"
+        else:
+            verdict = "[green]pass[/green]" if out.passed else f"[red]FAIL[/red] {out.detail}".rstrip()
         table.add_row(out.name, f"{out.max_abs_diff:.3g}", f"{out.max_rel_diff:.3g}", f"{out.cosine:.9f}", verdict)
     console.print(table)

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 import models
@@ -15,6 +16,7 @@ from normsurgeon.errors import PreconditionError, UsageError
 from normsurgeon.modules import ChannelsFirstLayerNorm, FrozenBatchNorm
 from normsurgeon.passes.convert import convert_norms
 from normsurgeon.recognize import NormKind
+from normsurgeon.render import print_check
 from normsurgeon.report import SkipReason
 from tests.helpers import give_realistic_stats
 from tests.hf_models import hf_inputs, hf_model
@@ -230,8 +232,13 @@ def test_batchnorm_to_groupnorm_is_approximate_and_warns_with_the_difference():
     report = convert_norms(model, inputs, to="groupnorm", approximate=True)
     assert isinstance(model.bn1, nn.GroupNorm) and model.bn1.num_groups == 32 and torch.equal(model.bn1.weight, weight)
     assert torch.equal(model.bn2.weight, torch.ones(64))  # affine=False BN: unit GroupNorm affine
-    approx = report.checks[-1]
-    assert "informational" in approx.label and approx.max_abs_diff > 1e-2
+    (approx,) = report.checks  # no exact conversion happened, so no "exact conversions" check to show
+    assert approx.label == "after approximate conversions vs original" and approx.max_abs_diff > 1e-2
+    assert approx.atol == float("inf")  # measured, not judged: rendered as informational
+    console = Console(record=True, width=200)
+    print_check(approx, console)
+    text = " ".join(console.export_text().split())  # the title wraps
+    assert "(informational: not expected to match)" in text and "differs" in text and "pass" not in text
     assert any(n.startswith("warning: approximate") and "fine-tuning" in n for n in report.notes)
 
 
