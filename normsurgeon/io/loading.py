@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import pickle
 import re
@@ -384,16 +385,44 @@ def _contains_tensor(obj: Any) -> bool:
 # --------------------------------------------------------------------------- .pt2
 
 
+@contextlib.contextmanager
+def _deserialization_errors() -> Iterator[list[BaseException]]:
+    """The errors ``torch.export.load`` logs (with a traceback on stderr) before it falls back to an older format."""
+    caught: list[BaseException] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                caught.append(record.exc_info[1])
+
+    logger = logging.getLogger("torch.export")  # torch gives it a stderr handler of its own
+    handlers, propagate = list(logger.handlers), logger.propagate
+    logger.handlers, logger.propagate = [Keep()], False
+    try:
+        yield caught
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
 def _load_pt2(path: Path, *, trust_pickle: bool, notes: list[str]) -> LoadedModel:
     """torch.export.load after checking the archive (torch's loader is not weights-only)."""
     if not trust_pickle:
         check_pt2_archive(path)
     try:
-        program = torch.export.load(str(path))
-        module = program.module()
+        with _deserialization_errors() as deserializing:
+            program = torch.export.load(str(path))
+            module = program.module()
     except Exception as exc:
+        cause = deserializing[0] if deserializing else exc  # torch logs the real error, then tries an older format
+        unregistered = re.search(r"Deserializing (\S+) in pytree is not registered", str(cause))
+        if unregistered:
+            raise LoadError(
+                f"{path}: the program's inputs or outputs use {unregistered[1]}, a type this process has not "
+                f"registered with torch's pytree; re-export it returning plain tensors (transformers: "
+                f"return_dict=False), or in Python import {unregistered[1].rsplit('.', 1)[0]} before loading"
+            ) from exc
         raise LoadError(
-            f"{path}: torch.export.load failed ({type(exc).__name__}: {one_line(exc, 160)}); "
+            f"{path}: torch.export.load failed ({type(cause).__name__}: {one_line(cause, 160)}); "
             "re-export it with torch.export.save from this torch version"
         ) from exc
     return LoadedModel(model=module, source=path, form="exported_program", exported_program=program, notes=notes)

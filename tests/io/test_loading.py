@@ -246,6 +246,44 @@ def test_pt2_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.model(x5), model(x5))
 
 
+_OUTPUT_TYPE_MODULE = """
+import dataclasses
+import torch
+import torch.utils._pytree as pytree
+
+@dataclasses.dataclass
+class Features:
+    last: torch.Tensor
+
+pytree.register_dataclass(Features, serialized_type_name="ns_test_output_type.Features")
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return Features(self.conv(x))
+"""
+
+
+def test_pt2_whose_output_type_is_not_registered_here_names_the_type_and_the_fix(
+    tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """transformers' ModelOutput classes are such types: the .pt2 loads only where transformers is imported."""
+    (tmp_path / "ns_test_output_type.py").write_text(_OUTPUT_TYPE_MODULE)
+    path = tmp_path / "features.pt2"
+    subprocess.run([sys.executable, "-c", "import torch, ns_test_output_type as m\n"
+                    f"torch.export.save(torch.export.export(m.Net().eval(), (torch.randn(1, 3, 8, 8),)), {str(path)!r})"],
+                   cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, check=True, timeout=300)
+    assert "ns_test_output_type" not in sys.modules
+    capfd.readouterr()
+    with pytest.raises(LoadError, match=r"use ns_test_output_type\.Features, a type this process has not registered "
+                       r"with torch's pytree; re-export it returning plain tensors .* import ns_test_output_type before"):
+        load_model(path)
+    assert "Traceback" not in capfd.readouterr().err  # torch's own logged traceback is not printed
+
+
 @pytest.mark.slow
 def test_transformers_model_loads_safely(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
