@@ -22,6 +22,7 @@ chain the opset could not take), the op histograms before and after, and the che
 from __future__ import annotations
 
 import collections
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -109,7 +110,13 @@ def prepare(model: ir.Model) -> None:
     """Inline, name, fold constants (with shape inference), drop dead code, merge duplicates."""
     common_passes.InlinePass()(model)
     common_passes.NameFixPass()(model)
-    onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_constant_of_shape)
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)  # "Evaluation failed: ..." only means that node stays unfolded
+    try:
+        onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True, should_fold=_fold_small_constant_of_shape)
+    finally:
+        folding_log.setLevel(level)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
 

@@ -105,9 +105,10 @@ def random_feeds(
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
             if any(d is None for d in dims):
                 symbolic = [d.dim_param or "?" for d in tensor_type.shape.dim if not d.HasField("dim_value")]
+                example = ",".join(str(d) if d is not None else "1" for d in dims)
                 raise UsageError(
                     f"input {graph_input.name!r} has symbolic dims ({', '.join(symbolic)}); "
-                    "pass --input-shape for each input, e.g. --input-shape 1,3,224,224"
+                    f"pass --input-shape for each input, e.g. --input-shape {example} for this one"
                 )
             shape = tuple(dims)
         dtype = _NUMPY_DTYPES.get(tensor_type.elem_type)
