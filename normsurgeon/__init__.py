@@ -3,6 +3,8 @@
 import os as _os
 import sys as _sys
 
+_INTERRUPTED_EARLY = "interrupted: nothing was read or written\n"
+
 
 def _started_as_the_cli() -> bool:
     """Whether this import is the ``normsurgeon`` command starting (script or ``python -m``)."""
@@ -37,7 +39,7 @@ try:  # torch takes a second or more to import: a Ctrl-C then is the CLI's, not 
 except KeyboardInterrupt:
     if not _started_as_the_cli():
         raise
-    _sys.stderr.write("interrupted: nothing was read or written\n")
+    _sys.stderr.write(_INTERRUPTED_EARLY)
     raise SystemExit(130) from None
 
 fold = fold_batchnorm

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
-from . import _started_as_the_cli
+from . import _INTERRUPTED_EARLY, _started_as_the_cli
 from .errors import NormSurgeonError
 from .render import print_report, render_json
 
@@ -223,7 +223,7 @@ def _register_commands() -> None:
     except KeyboardInterrupt:
         if not _started_as_the_cli():
             raise
-        sys.stderr.write("interrupted: nothing was read or written\n")
+        sys.stderr.write(_INTERRUPTED_EARLY)
         raise SystemExit(130) from None
     for command in COMMANDS:
         main.add_command(command)
