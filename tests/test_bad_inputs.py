@@ -353,6 +353,8 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
                Problem(2, "bad --input-shape '1,x': every dim must be a positive integer", "give the full shape"))
     yield Case("fold-malicious-inputs-file", ["fold", "model.pt", "--inputs", "evil.pt"],
                Problem(4, "refusing to unpickle: it references os.system", "--trust-pickle if you trust this file"))
+    yield Case("fold-model-as-inputs-file", ["fold", "model.pt", "--inputs", "model.pt"],
+               Problem(3, "holds a model (", "expected a tensor, or a tuple/list/dict of tensors"))
     yield Case("weightnorm-remove-wrong-channels", ["weightnorm", "remove", "wn.pt", "--input-shape", "1,5,32,32"],
                WRONG_SHAPE)
     yield Case("optimize-wrong-channels", ["optimize", "net.onnx", "--input-shape", "1,5,32,32"],

@@ -116,6 +116,9 @@ def check_pickle(path: Path, *, allow_classes: bool) -> list[tuple[Any, str]]:
     scan = _scan_file(path)
     verdict = classify(scan.refs, allow_classes=allow_classes)
     if verdict.refused:
+        if not allow_classes and not classify(scan.refs, allow_classes=True).refused:  # a model, not a tensor file
+            raise LoadError(f"{path}: holds a model ({listing(list(verdict.refused))}), not example inputs; "
+                            f"{TENSOR_FORMS}")
         what = "not torch types or nn.Module classes" if allow_classes else "not tensors or torch types"
         raise refusal(path, verdict.refused, what)
     if scan.problem:
