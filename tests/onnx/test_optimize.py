@@ -329,3 +329,23 @@ def test_constant_folding_that_skips_a_node_prints_no_warning(mlp_onnx: Path, mo
         prepare(ir.load(mlp_onnx))
     assert not [r for r in caplog.records if "Evaluation failed" in r.getMessage()]
     assert logging.getLogger("onnxscript.optimizer._constant_folding").level == logging.NOTSET  # restored
+
+
+def test_the_report_says_what_the_clean_up_alone_removed(tmp_path: Path) -> None:
+    """A graph with no norm to fold but constants to fold is not 'nothing happened'."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    one = numpy_helper.from_array(np.ones(4, np.float32), "one")
+    nodes = [
+        helper.make_node("Add", ["one", "one"], ["two"]),  # constant: folded away
+        helper.make_node("Mul", ["two", "two"], ["four"]),  # constant: folded away
+        helper.make_node("Add", ["x", "four"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [one])
+    path = tmp_path / "consts.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    report = optimize_onnx(path, tmp_path / "out.onnx")
+    assert report.passed and not report.changes
+    assert "the graph was also cleaned up (constants folded, dead and duplicate nodes removed): 3 → 1 nodes" in report.notes
