@@ -1,9 +1,8 @@
 """normsurgeon: surgery on the normalization layers of trained PyTorch models."""
 
+import contextlib as _contextlib
 import os as _os
 import sys as _sys
-
-_INTERRUPTED_EARLY = "interrupted: nothing was read or written\n"
 
 
 def _started_as_the_cli() -> bool:
@@ -12,7 +11,23 @@ def _started_as_the_cli() -> bool:
     return program == "normsurgeon" or program == "-m"  # "-m" while python -m imports the package
 
 
-try:  # torch takes a second or more to import: a Ctrl-C then is the CLI's, not a crash
+@_contextlib.contextmanager
+def _cli_import_interruptible():
+    """Imports of torch, onnx, onnxruntime take seconds: a Ctrl-C then is the CLI's, not a crash.
+
+    Started as the ``normsurgeon`` command, it prints one line and exits 130; a program that
+    imports normsurgeon keeps its own KeyboardInterrupt.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _started_as_the_cli():
+            raise
+        _sys.stderr.write("interrupted: nothing was read or written\n")
+        raise SystemExit(130) from None
+
+
+with _cli_import_interruptible():
     from .check import compare_outputs
     from .errors import (
         ExportError,
@@ -36,11 +51,6 @@ try:  # torch takes a second or more to import: a Ctrl-C then is the CLI's, not 
     from .recognize import NormKind, recognize_norms
     from .report import Change, Check, Report, Skip, SkipReason
     from .trace import trace
-except KeyboardInterrupt:
-    if not _started_as_the_cli():
-        raise
-    _sys.stderr.write(_INTERRUPTED_EARLY)
-    raise SystemExit(130) from None
 
 fold = fold_batchnorm
 

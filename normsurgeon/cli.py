@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
-from . import _INTERRUPTED_EARLY, _started_as_the_cli
+from . import _cli_import_interruptible
 from .errors import NormSurgeonError
 from .render import print_report, render_json
 
@@ -218,13 +218,8 @@ def failed_check_message(report: Any) -> str:
 
 
 def _register_commands() -> None:
-    try:  # the commands import onnx, onnxruntime, rich ...: a Ctrl-C then is the CLI's, not a crash
+    with _cli_import_interruptible():  # the commands import onnx, onnxruntime, rich ...
         from .commands import COMMANDS
-    except KeyboardInterrupt:
-        if not _started_as_the_cli():
-            raise
-        sys.stderr.write(_INTERRUPTED_EARLY)
-        raise SystemExit(130) from None
     for command in COMMANDS:
         main.add_command(command)
 
