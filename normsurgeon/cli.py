@@ -7,12 +7,13 @@ failed; 7 export failed; 8 output not written; 130 interrupted. See docs/errors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
@@ -128,37 +129,46 @@ class NormSurgeonGroup(click.Group):
         prog_name = prog_name or "normsurgeon"
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        seen = _watch_for_ctrl_c()
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.ClickException as error:
-            _stderr.print(f"error: {_click_message(error)}", markup=False)
-            sys.exit(error.exit_code)
-        except (click.Abort, KeyboardInterrupt):  # Ctrl-C while click parses, or while a command's modules import
-            _stderr.print(INTERRUPTED, markup=False)
-            sys.exit(130)
-        except Exception:
-            if seen:  # a Ctrl-C inside an extension's import surfaces as its ImportError
+        with _watching_for_ctrl_c() as seen:
+            try:
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.ClickException as error:
+                _stderr.print(f"error: {_click_message(error)}", markup=False)
+                sys.exit(error.exit_code)
+            except (click.Abort, KeyboardInterrupt):  # Ctrl-C while click parses, or while a command imports
                 _stderr.print(INTERRUPTED, markup=False)
                 sys.exit(130)
-            raise
+            except Exception:
+                if seen:  # a Ctrl-C inside an extension's import surfaces as its ImportError
+                    _stderr.print(INTERRUPTED, markup=False)
+                    sys.exit(130)
+                raise
         sys.exit(result if isinstance(result, int) else 0)
 
 
-def _watch_for_ctrl_c() -> list[bool]:
-    """A list that gets an entry when SIGINT arrives; Python's own handler still raises KeyboardInterrupt."""
+@contextlib.contextmanager
+def _watching_for_ctrl_c() -> Iterator[list[bool]]:
+    """A list that gets an entry when SIGINT arrives; Python's own handler still raises KeyboardInterrupt.
+
+    The previous handler comes back on exit, so ``main()`` called again in one process watches again.
+    """
     seen: list[bool] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
         seen.append(True)
         signal.default_int_handler(signum, frame)
 
+    previous = None
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         try:
-            signal.signal(signal.SIGINT, on_sigint)
+            previous = signal.signal(signal.SIGINT, on_sigint)
         except ValueError:  # not the main thread: no handler to install
             pass
-    return seen
+    try:
+        yield seen
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _click_message(error: click.ClickException) -> str:

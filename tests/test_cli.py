@@ -246,6 +246,6 @@ def test_ctrl_c_that_an_import_turned_into_an_import_error_is_still_an_interrupt
         assert exit_info.value.code == 130 and capsys.readouterr().err.startswith("interrupted:")
         with pytest.raises(ImportError):  # with no Ctrl-C it stays what it is, with its traceback
             main.main(["fails-to-import"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the watcher put Python's back
     finally:
         main.commands.pop("fails-to-import")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
