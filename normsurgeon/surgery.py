@@ -157,6 +157,12 @@ def foreign_hooks(module: nn.Module, *, pre: bool = True, post: bool = True) -> 
     return [getattr(hook, "__name__", type(hook).__name__) for hook in hooks]
 
 
+def hooks_lost_by_replacing(module: nn.Module) -> str | None:
+    """Why ``module`` cannot be replaced by another module (its hooks would go with it), or None."""
+    hooks = foreign_hooks(module)
+    return f"its forward hooks ({', '.join(hooks)}) would be dropped with it" if hooks else None
+
+
 def editable_weight(module: nn.Module) -> EditableWeight | str:
     """The module's weight, ready to edit, or the reason it (or its bias, which folds also write) cannot be."""
     if parametrize.is_parametrized(module, "bias"):

@@ -24,7 +24,7 @@ from ..errors import PreconditionError, UsageError
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import copy_model, foreign_hooks, replace_module, shared_parameter_ids
+from ..surgery import copy_model, hooks_lost_by_replacing, replace_module, shared_parameter_ids
 from ..trace import Trace, call_model, trace
 from .convert_centring import CentringPlan, apply_centring, plan_centring
 from .convert_rules import NotConvertible, Rule, described, find_rule
@@ -150,10 +150,9 @@ def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
     for info in infos:
         if info.native and (target is None or info.kind is target):
             continue  # already what was asked for
-        hooks = foreign_hooks(info.module)
-        if hooks:
-            report.skipped.append(Skip(info.path, SkipReason.HOOKED,
-                                       f"its forward hooks ({', '.join(hooks)}) would be dropped with it"))
+        hooked = hooks_lost_by_replacing(info.module)
+        if hooked:
+            report.skipped.append(Skip(info.path, SkipReason.HOOKED, hooked))
             continue
         rule = find_rule(info, target)
         if rule is None:

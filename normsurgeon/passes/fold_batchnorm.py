@@ -35,6 +35,7 @@ from ..surgery import (
     editable_weight,
     ensure_bias,
     foreign_hooks,
+    hooks_lost_by_replacing,
     module_parents,
     replace_module,
     shared_parameter_ids,
@@ -199,9 +200,9 @@ def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: b
                       "(a functional call, or its forward() called directly)")
     if not calls:
         raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
-    hooks = foreign_hooks(norm)
-    if hooks:
-        raise Refused(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would be dropped with it")
+    hooked = hooks_lost_by_replacing(norm)
+    if hooked:
+        raise Refused(SkipReason.HOOKED, hooked)
     first_input = flow.data_input(calls[0])
     try:
         stats = batchnorm_stats(norm, first_input.shape if first_input else None)

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..check import compare_outputs
 from ..modules import MeanOnlyBatchNorm
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import foreign_hooks, replace_module
+from ..surgery import hooks_lost_by_replacing, replace_module
 from ..trace import Trace, call_model
 from .fold_batchnorm import Refused, _producer_targets
 from .recalibrate import eval_mode
@@ -63,9 +63,9 @@ def _weight_normed_producer(flow: Trace, bn: nn.Module, normed: set[nn.Module], 
     if not calls:
         report.skipped.append(Skip(path, SkipReason.NOT_CALLED, "kept as BatchNorm"))
         return None
-    hooks = foreign_hooks(bn)
-    if hooks:
-        report.skipped.append(Skip(path, SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would be dropped with it"))
+    hooked = hooks_lost_by_replacing(bn)
+    if hooked:
+        report.skipped.append(Skip(path, SkipReason.HOOKED, hooked))
         return None
     try:
         (producer,) = _producer_targets(flow, calls)
