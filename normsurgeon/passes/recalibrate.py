@@ -11,7 +11,7 @@ by class or by source gets too small a variance.
 
 Unlike ``torch.optim.swa_utils.update_bn``: only the BN layers go to train mode (dropout and the
 rest stay in eval), it runs under ``no_grad``, takes dict batches, restores every module's mode
-and every BN's momentum afterwards, and restores the old statistics if anything fails. The
+afterwards, and restores the old statistics if anything fails. The
 report's check compares outputs before and after on a held-out batch; it is informational
 (recalibration is meant to change outputs) and passes when the new outputs are finite.
 """
@@ -176,15 +176,17 @@ class _PooledStats:
 
 
 def _accumulate(model: nn.Module, norms: list[nn.Module], calibration: list[Batch], *, progress: bool) -> None:
-    """BN layers (only) in train mode, one no-grad forward per batch; then each BN gets its pooled statistics."""
-    momenta = [bn.momentum for bn in norms]
+    """BN layers (only) in train mode, one no-grad forward per batch; then each BN gets its pooled statistics.
+
+    The pooled statistics replace whatever the BN's own running update made of the batches, so its
+    momentum is left as it is.
+    """
     pools = [_PooledStats(bn.running_mean.numel(), bn.running_mean.device) for bn in norms]
     handles = [bn.register_forward_pre_hook(pool) for bn, pool in zip(norms, pools)]
     with preserved_modes(model):
         model.eval()
         for bn in norms:
             bn.reset_running_stats()
-            bn.momentum = None
             bn.train()
         try:
             with torch.no_grad():
@@ -193,8 +195,6 @@ def _accumulate(model: nn.Module, norms: list[nn.Module], calibration: list[Batc
         finally:
             for handle in handles:
                 handle.remove()
-            for bn, momentum in zip(norms, momenta):
-                bn.momentum = momentum
     for bn, pool in zip(norms, pools):
         if pool.count:
             pool.write(bn)
