@@ -276,7 +276,7 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
                 recorder.step_back()
     except Exception as exc:  # the user's model failed on the user's inputs
         raise PreconditionError(
-            f"the model failed on the example inputs ({type(exc).__name__}: {_first_line(exc)}); "
+            f"the model failed on the example inputs ({type(exc).__name__}: {first_line(exc)}); "
             "check --input-shape/--inputs"
         ) from exc
     finally:
@@ -340,6 +340,7 @@ def call_model(model: nn.Module, example_inputs: tuple | dict) -> Any:
     return model(*example_inputs)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else ""

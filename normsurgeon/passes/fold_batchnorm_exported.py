@@ -21,6 +21,7 @@ from ..check import compare_outputs
 from ..errors import PreconditionError
 from ..maths import batchnorm_scale_shift, scale_channels_
 from ..report import Change, Report, Skip, SkipReason
+from ..trace import first_line
 
 _aten = torch.ops.aten
 _CONV = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
@@ -68,9 +69,8 @@ def _run(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> An
         if stored is not None:
             found = [tuple(t.shape) for t in (*stored[0], *stored[1].values()) if isinstance(t, torch.Tensor)]
             shapes = f"; it was exported for inputs of shape {', '.join(map(str, found))}" if found else ""
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise PreconditionError(
-            f"the .pt2 program does not run on the example inputs ({type(exc).__name__}: {first}){shapes}; "
+            f"the .pt2 program does not run on the example inputs ({type(exc).__name__}: {first_line(exc)}){shapes}; "
             "pass --input-shape/--inputs it accepts, or re-export it with dynamic shapes"
         ) from exc
 
