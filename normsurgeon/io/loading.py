@@ -5,9 +5,10 @@ plus a ``--factory module:callable`` that builds the architecture, and a ``.pt2`
 program (``torch.export.save``). Every error is one line that names the problem and the fix.
 
 Loading is safe by default: a pickle is scanned and refused unless everything it references is
-allowed (:mod:`normsurgeon.io.pickle_safety`, which describes the safety model), and a ``.pt2``
-archive is checked before ``torch.export.load`` reads it (:mod:`normsurgeon.io.pt2_safety`).
-``trust_pickle=True`` skips the checks and says so in :attr:`LoadedModel.notes`.
+allowed, then read by a strict unpickler (:mod:`normsurgeon.io.pickle_safety` describes the
+safety model; docs/security.md the threat model), and a ``.pt2`` archive is checked before
+``torch.export.load`` reads it (:mod:`normsurgeon.io.pt2_safety`). ``trust_pickle=True`` skips
+the checks and says so in :attr:`LoadedModel.notes`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from normsurgeon.errors import LoadError, UsageError
+from normsurgeon.errors import LoadError, UnsafePickleError, UsageError
 
 from .pickle_safety import (
     EXPECTED_FORMS,
@@ -41,7 +42,9 @@ from .pickle_safety import (
     one_line,
     scan_pickle_globals,
 )
+from . import strict_unpickler
 from .pt2_safety import check_pt2_archive
+from .verdict import installed_packages_first
 
 __all__ = ["TRUST_FLAG", "LoadedModel", "import_callable", "load_model", "load_tensors", "scan_pickle_globals"]
 
@@ -82,7 +85,7 @@ def load_model(
     with _import_paths(import_paths):
         if kind == "pt2":
             return _load_pt2(path, trust_pickle=trust_pickle, notes=notes)
-        obj = _torch_load(path, trust_pickle=trust_pickle, allow_classes=True)
+        obj = _torch_load(path, trust_pickle=trust_pickle, allow_classes=True, import_paths=import_paths)
         model, form = _interpret(obj, path, factory, import_paths, notes)
     return LoadedModel(model=model, source=path, form=form, notes=notes)
 
@@ -107,7 +110,8 @@ def load_tensors(path: str | Path, *, trust_pickle: bool = False) -> Any:
 
 
 def import_callable(spec: str, *, import_paths: Sequence[str | Path] = ()) -> Callable[..., Any]:
-    """Import ``"package.module:callable"`` with the cwd and ``import_paths`` on sys.path.
+    """Import ``"package.module:callable"`` with the cwd and ``import_paths`` on sys.path (after the
+    installed packages, so a local file cannot stand in for a library).
 
     This is how ``--factory`` names the function or class that rebuilds a state_dict's model;
     a bad spec, module or attribute gets an error that says which part to fix.
@@ -196,25 +200,18 @@ def _describe_bytes(head: bytes) -> str:
 
 @contextlib.contextmanager
 def _import_paths(extra: Sequence[str | Path]) -> Iterator[None]:
-    """Put ``extra`` and the cwd at the front of sys.path (like ``python -m``) for a while."""
-    entries = []
+    """For a while, sys.path is the installed packages, then the cwd, then ``extra``.
+
+    The cwd and ``extra`` come last, so the model's own modules can be imported from them but a
+    file there (``transformers.py``) never shadows an installed package.
+    """
     for entry in extra:
-        entry_path = Path(entry)
-        if not entry_path.is_dir():
+        if not Path(entry).is_dir():
             raise UsageError(
                 f"--import-path {entry}: no such directory; pass a directory that holds your model's package"
             )
-        entries.append(str(entry_path.resolve()))
-    entries.append(os.getcwd())
-    for entry in reversed(entries):
-        sys.path.insert(0, entry)
-    importlib.invalidate_caches()
-    try:
+    with installed_packages_first(extra):
         yield
-    finally:
-        for entry in entries:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(entry)
 
 
 def _import_for_factory(module_name: str) -> types.ModuleType:
@@ -234,29 +231,36 @@ def _import_for_factory(module_name: str) -> types.ModuleType:
 # --------------------------------------------------------------------------- torch.load
 
 
-def _torch_load(path: Path, *, trust_pickle: bool, allow_classes: bool) -> Any:
-    """torch.load after the safety scan (weights-only), or plainly when the user trusts the file."""
+def _torch_load(path: Path, *, trust_pickle: bool, allow_classes: bool,
+                import_paths: Sequence[str | Path] = ()) -> Any:
+    """torch.load through the strict unpickler after the verdict, or plainly when the user trusts the file."""
     expected = EXPECTED_FORMS if allow_classes else TENSOR_FORMS
     if trust_pickle:
-        return _call_torch_load(path, weights_only=False, safe=[], expected=expected)
-    safe = check_pickle(path, allow_classes=allow_classes)
-    return _call_torch_load(path, weights_only=True, safe=safe, expected=expected)
+        return _call_torch_load(path, pickle_module=None, expected=expected)
+    policy = check_pickle(path, allow_classes=allow_classes, user_paths=import_paths)
+    return _call_torch_load(path, pickle_module=strict_unpickler.pickle_module(policy), expected=expected)
 
 
-def _call_torch_load(
-    path: Path, *, weights_only: bool, safe: list[tuple[Any, str]], expected: str = EXPECTED_FORMS
-) -> Any:
+def _call_torch_load(path: Path, *, pickle_module: Any, expected: str = EXPECTED_FORMS) -> Any:
     try:
-        with torch.serialization.safe_globals(safe):
-            return torch.load(path, weights_only=weights_only, map_location="cpu")
+        if pickle_module is None:
+            return torch.load(path, weights_only=False, map_location="cpu")
+        return torch.load(path, weights_only=False, map_location="cpu", pickle_module=pickle_module)
+    except strict_unpickler.StorageTooLarge as exc:
+        raise LoadError(f"{path}: {one_line(exc, 160)} (a hostile or corrupt file?); re-save the model, or pass "
+                        f"{TRUST_FLAG} if you trust this file") from exc
+    except strict_unpickler.Refused as exc:
+        raise UnsafePickleError(f"{path}: refusing to unpickle: {one_line(exc, 160)}; nothing of it was run. "
+                                f"Re-run with {TRUST_FLAG} if you trust this file.") from exc
     except (ModuleNotFoundError, AttributeError) as exc:
         raise LoadError(
             f"{path}: cannot import a class the pickle needs ({one_line(exc, 120)}); run from the "
             "project root or pass --import-path DIR"
         ) from exc
-    except pickle.UnpicklingError as exc:
-        hint = f"re-run with {TRUST_FLAG} if you trust this file" if weights_only else "re-save the file"
-        raise LoadError(f"{path}: the weights-only loader rejected it ({one_line(exc, 160)}); {hint}") from exc
+    except RecursionError as exc:
+        raise LoadError(f"{path}: nested too deeply to read; {expected}") from exc
+    except MemoryError as exc:
+        raise LoadError(f"{path}: reading it needs more memory than there is; {expected}") from exc
     except Exception as exc:
         raise LoadError(
             f"{path}: torch.load failed ({type(exc).__name__}: {one_line(exc, 160)}); {expected}"
@@ -373,12 +377,19 @@ def _describe(obj: Any) -> str:
 
 
 def _contains_tensor(obj: Any) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, Mapping):
-        return any(_contains_tensor(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_contains_tensor(v) for v in obj)
+    """Whether a loaded object holds a tensor anywhere; iterative, each container visited once."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            return True
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
     return False
 
 

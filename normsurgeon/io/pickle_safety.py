@@ -1,51 +1,39 @@
-"""Read what a pickle would import before unpickling it, and refuse what is not plain torch.
+"""Read what a pickle references before unpickling it, refuse what is not allowed, and say why.
 
-The safety model of normsurgeon's loaders (:mod:`normsurgeon.io.loading`):
+The safety model of normsurgeon's loaders (:mod:`normsurgeon.io.loading`; docs/security.md):
 
-Unpickling runs code: a pickle names globals (``module.name``) that the unpickler imports and
-may call. So before a file is unpickled, every global it references is listed with
-``pickletools`` (nothing is imported or executed) and classified:
+1. **Scan** (this module): every global the file references is listed from its opcodes with
+   ``pickletools``; nothing is imported or executed. Opcodes that resolve globals some other
+   way (the copyreg extension registry) are refused outright.
+2. **Verdict** (:mod:`normsurgeon.io.verdict`): the references are judged by name and by reading
+   the source of the modules they name, without importing them; only when everything passed are
+   the modules of the accepted classes imported.
+3. **Strict unpickling** (:mod:`normsurgeon.io.strict_unpickler`): torch.load reads the archive
+   with an unpickler that builds only the accepted classes, with reviewed code, and storages no
+   larger than the file.
 
-* allowed: what torch's weights-only unpickler allows already; torch classes and torch
-  constants (dtypes, memory formats); torch's C operator functions (``torch._C._nn.gelu``) and
-  the functions of ``torch.nn.functional``; ``nn.Module`` subclasses from importable non-stdlib
-  modules; plain classes from the same top-level package as one of those modules (a
-  transformers model's config class and enums).
-* refused: anything else, in particular every stdlib reference (``os.system``,
-  ``builtins.eval``, ``subprocess.Popen``), torch's Python functions (``torch.load``) and torch
-  classes with side effects (files, sockets, processes: ``torch.distributed``, ``torch.hub``, ...).
-  When anything is refused, nothing the file names is imported either.
-
-A file with a refused reference raises :class:`UnsafePickleError` naming what it references;
-otherwise it is loaded with ``torch.load(weights_only=True)`` and the accepted objects as
-extra safe globals, so torch's own unpickler still guards the load. ``trust_pickle=True`` (the
-CLI's ``--trust-pickle``) skips the checks (plain ``torch.load``).
-
-``torch.export.load`` is not weights-only (it unpickles payloads with ``weights_only=False``,
-parses symbolic expressions with ``sympy.sympify`` and ``exec``s guard code), so a ``.pt2``
-archive is checked first too: its pickled payloads by the rules above, its graph's call
-targets, its symbolic expressions and its guards by :mod:`normsurgeon.io.pt2_safety`.
+A file with a refused reference raises :class:`UnsafePickleError` naming what it references.
+``trust_pickle=True`` (the CLI's ``--trust-pickle``) skips all of it (plain ``torch.load``).
+``.pt2`` archives are checked by :mod:`normsurgeon.io.pt2_safety`.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
-import importlib
 import io
 import pickletools
-import re
-import sys
-import types
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-from torch import nn
-
 from normsurgeon.errors import LoadError, UnsafePickleError
+
+from .strict_unpickler import Policy
+from .verdict import Verdict, classify, display, statically_a_model
+
+__all__ = ["Verdict", "classify", "check_pickle", "scan_pickle_globals", "refusal", "raise_for_missing"]
 
 TRUST_FLAG = "--trust-pickle"
 EXPECTED_FORMS = (
@@ -104,19 +92,21 @@ def scan_pickle_globals(path: str | Path) -> list[tuple[str, str]]:
     return scan.refs
 
 
-def check_pickle(path: Path, *, allow_classes: bool) -> list[tuple[Any, str]]:
-    """Refuse ``path`` unless every global it references is allowed; return the accepted ones.
+def check_pickle(path: Path, *, allow_classes: bool, user_paths: Sequence[str | Path] = ()) -> Policy:
+    """Refuse ``path`` unless every global it references is allowed; return the unpickling policy.
 
-    The result, ``(object, "module.name")`` pairs, is meant for
-    ``torch.serialization.safe_globals`` so that the weights-only unpickler accepts exactly what
-    was checked here. ``allow_classes=False`` (tensor files) accepts only torch's defaults.
-    Raises UnsafePickleError for a refused reference, LoadError for an unreadable file or an
-    unimportable class.
+    The policy (:class:`normsurgeon.io.strict_unpickler.Policy`) lets the strict unpickler build
+    exactly what was checked here, with storages bounded by the bytes the file holds.
+    ``allow_classes=False`` (tensor files) accepts only torch's weights-only allowlist.
+    Raises UnsafePickleError for a refused reference, LoadError for an unreadable file or a
+    class that cannot be imported.
     """
     scan = _scan_file(path)
-    verdict = classify(scan.refs, allow_classes=allow_classes)
+    if scan.problem and not scan.refs:
+        raise LoadError(scan.problem if allow_classes else scan.problem.replace(EXPECTED_FORMS, TENSOR_FORMS))
+    verdict = classify(scan.refs, allow_classes=allow_classes, user_paths=user_paths)
     if verdict.refused:
-        if not allow_classes and not classify(scan.refs, allow_classes=True).refused:  # a model, not a tensor file
+        if not allow_classes and statically_a_model(scan.refs, user_paths):  # a model, not a tensor file
             raise LoadError(f"{path}: holds a model ({listing(list(verdict.refused))}), not example inputs; "
                             f"{TENSOR_FORMS}")
         what = "not torch types or nn.Module classes" if allow_classes else "not tensors or torch types"
@@ -124,7 +114,30 @@ def check_pickle(path: Path, *, allow_classes: bool) -> list[tuple[Any, str]]:
     if scan.problem:
         raise LoadError(scan.problem if allow_classes else scan.problem.replace(EXPECTED_FORMS, TENSOR_FORMS))
     raise_for_missing(path, verdict.missing)
-    return [(obj, key) for key, obj in verdict.accepted.items()]
+    policy = verdict.policy()
+    policy.storage_bytes, policy.total_storage_bytes = _storage_bounds(path)
+    return policy
+
+
+def _storage_bounds(path: Path) -> tuple[Any, int]:
+    """How many bytes each storage may claim: its archive member's size (zip), or the file's size.
+
+    torch.save never compresses; a member that inflates beyond the whole file is refused here,
+    before torch would inflate it.
+    """
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        return (lambda key: None), size
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > size:
+            raise LoadError(f"{path}: archive member {info.filename} inflates to {info.file_size} bytes, more than "
+                            f"the {size}-byte file (a zip bomb?); re-save the model with torch.save, or pass "
+                            f"{TRUST_FLAG} if you trust this file")
+    members = {info.filename.rsplit("/data/", 1)[-1]: info.file_size for info in infos
+               if "/data/" in info.filename or info.filename.startswith("data/")}
+    return (lambda key: members.get(str(key), 0)), sum(members.values())
 
 
 # --------------------------------------------------------------------------- scanning
@@ -225,6 +238,9 @@ def _ops_globals(stream: IO[bytes]) -> Iterator[tuple[str, str]]:
             module, _, attr = str(arg).partition(" ")
             yield _map_name(module, attr)
             pushed.append(None)
+        elif name in ("EXT1", "EXT2", "EXT4"):  # a global looked up in copyreg's registry, by number
+            yield ("<copyreg extension>", str(arg))
+            pushed.append(None)
         elif name == "STACK_GLOBAL":
             module, attr = (pushed[-2:] if len(pushed) >= 2 else [None, None])
             ok = isinstance(module, str) and isinstance(attr, str)
@@ -238,182 +254,6 @@ def _ops_globals(stream: IO[bytes]) -> Iterator[tuple[str, str]]:
             memo[arg if name != "MEMOIZE" else len(memo)] = pushed[-1] if pushed else None
         elif name not in _NO_PUSH_OPS:
             pushed.append(None)
-
-
-# --------------------------------------------------------------------------- classification
-
-# torch modules whose classes have side effects (files, sockets, processes) when constructed.
-_TORCH_DENIED_MODULES = (
-    "torch.distributed",
-    "torch._C._distributed",
-    "torch.utils.tensorboard",
-    "torch.package",
-    "torch.multiprocessing",
-    "torch.hub",
-    "torch.utils.cpp_extension",
-    "torch.utils.data",
-    "torch.serialization",
-    "torch.jit",
-    "torch.backends",
-    "torch.testing",
-)
-_TORCH_DENIED_NAME = re.compile(
-    r"file|writer|store|server|socket|process|thread|library|import|exec|compile|spawn|popen|"
-    r"fork|^_?set_|seed|hub|load|save|print|dlpack|autocast|anomaly",
-    re.IGNORECASE,
-)
-# Namespaces of torch's C operator functions (torch.tanh, torch._C._nn.gelu, ...).
-_TORCH_OP_MODULES = frozenset(
-    {"torch", "torch._C._nn", "torch._C._linalg", "torch._C._special", "torch._C._fft", "torch._C._nested",
-     "torch._C._sparse"}
-)
-_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format, torch.qscheme)
-# Stdlib bases a plain class may have without looking like a wrapper around OS access.
-_HARMLESS_STDLIB_BASES = frozenset({"builtins", "enum", "abc", "collections", "typing", "dataclasses", "numbers"})
-_DISPLAY_MODULES = {"posix": "os", "nt": "os"}
-
-
-class _Unimportable(Exception):
-    """A module or attribute named by a pickle cannot be imported."""
-
-
-@dataclass
-class Verdict:
-    """What a pickle references, sorted into accepted, refused and unimportable."""
-
-    accepted: dict[str, Any] = field(default_factory=dict)  # "module.name" -> object to allowlist
-    refused: list[str] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)  # ("module.name", why)
-
-
-def classify(refs: Iterable[tuple[str, str]], *, allow_classes: bool) -> Verdict:
-    """Sort ``refs`` into accepted, refused and missing by the rules in the module docstring.
-
-    Stdlib and malformed references are refused by name alone; non-stdlib modules are imported
-    only when nothing was refused outright, so a hostile file cannot make us import its modules.
-    ``allow_classes=False`` refuses everything torch's weights-only unpickler does not allow.
-    """
-    verdict = Verdict()
-    allowed = _default_allowed()
-    to_import: list[tuple[str, str]] = []
-    for module, name in refs:
-        if f"{module}.{name}" in allowed:
-            continue
-        if not allow_classes or not _valid_ref(module, name) or _is_stdlib(module):
-            verdict.refused.append(_display(module, name))
-        else:
-            to_import.append((module, name))
-    if verdict.refused:
-        return verdict  # refuse without importing anything named by this file
-    _classify_imported(to_import, verdict)
-    return verdict
-
-
-def _classify_imported(refs: list[tuple[str, str]], verdict: Verdict) -> None:
-    """Second pass: import non-stdlib references and apply the torch / nn.Module / package rules."""
-    packages: set[str] = set()
-    plain: list[tuple[str, str, Any]] = []
-    for module, name in refs:
-        try:
-            obj = _resolve(module, name)
-        except _Unimportable as exc:
-            verdict.missing.append((f"{module}.{name}", str(exc)))
-            continue
-        owner = getattr(obj, "__module__", None) or ""
-        if _top(module) == "torch":
-            ok = _torch_object_ok(module, name, obj)
-        elif _is_module_class(obj) and not _is_stdlib(owner):
-            packages.update({_top(module), _top(owner)})
-            ok = True
-        elif isinstance(obj, type) and not _is_stdlib(owner):
-            plain.append((module, name, obj))
-            continue
-        else:
-            ok = False
-        _record(verdict, module, name, obj, ok)
-    # Plain classes are judged last: they pass only beside an nn.Module from the same package.
-    for module, name, obj in plain:
-        same_package = _top(module) in packages and _top(obj.__module__) in packages
-        _record(verdict, module, name, obj, same_package and not _risky_bases(obj))
-
-
-def _record(verdict: Verdict, module: str, name: str, obj: Any, ok: bool) -> None:
-    if ok:
-        verdict.accepted[f"{module}.{name}"] = obj
-    else:
-        verdict.refused.append(_display(module, name))
-
-
-def _default_allowed() -> set[str]:
-    """Keys torch's weights-only unpickler accepts without help (defaults + safe_globals)."""
-    from torch import _weights_only_unpickler as wou
-
-    keys = set(wou._get_allowed_globals())
-    for entry in torch.serialization.get_safe_globals():
-        if isinstance(entry, tuple):
-            keys.add(entry[1])
-        else:
-            keys.add(f"{entry.__module__}.{entry.__qualname__}")
-    return keys
-
-
-def _resolve(module: str, name: str) -> Any:
-    """Import ``module`` (never a stdlib one: callers refuse those first) and get ``name``."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        raise _Unimportable(one_line(exc, 100)) from exc
-    except Exception as exc:  # the package itself failed while importing
-        raise _Unimportable(f"importing {module} failed: {type(exc).__name__}: {one_line(exc, 80)}") from exc
-    if not hasattr(mod, name):
-        raise _Unimportable(f"module {module} has no attribute {name}")
-    return getattr(mod, name)
-
-
-def _torch_object_ok(module: str, name: str, obj: Any) -> bool:
-    """The torch rule: classes, constants, C operators and torch.nn.functional functions."""
-    if _is_module_class(obj) or isinstance(obj, _TORCH_VALUE_TYPES):
-        return True
-    owner = getattr(obj, "__module__", None) or ""
-    if any(m.startswith(_TORCH_DENIED_MODULES) for m in (module, owner)) or _TORCH_DENIED_NAME.search(name):
-        return False
-    if isinstance(obj, type):
-        return _top(owner) == "torch" and not _risky_bases(obj)
-    if isinstance(obj, types.BuiltinFunctionType):
-        return owner in _TORCH_OP_MODULES and not name.startswith("_")
-    if isinstance(obj, types.FunctionType):
-        return owner == "torch.nn.functional"
-    return False
-
-
-def _is_module_class(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, nn.Module) and not _risky_bases(obj)
-
-
-def _risky_bases(cls: type) -> bool:
-    """True when ``cls`` inherits from a stdlib class other than plain containers/enums."""
-    for base in cls.__mro__[1:]:
-        base_module = getattr(base, "__module__", "") or ""
-        if _is_stdlib(base_module) and _top(base_module) not in _HARMLESS_STDLIB_BASES:
-            return True
-    return False
-
-
-def _valid_ref(module: str, name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module)) and name.isidentifier()
-
-
-def _top(module: str) -> str:
-    return module.split(".", 1)[0]
-
-
-def _is_stdlib(module: str) -> bool:
-    return _top(module) in sys.stdlib_module_names or _top(module) == "__builtin__"
-
-
-def _display(module: str, name: str) -> str:
-    """``posix.system`` is shown as ``os.system``, the name users know."""
-    return f"{_DISPLAY_MODULES.get(module, module)}.{name}"
 
 
 # --------------------------------------------------------------------------- errors
@@ -433,7 +273,7 @@ def raise_for_missing(path: Path, missing: Sequence[tuple[str, str]]) -> None:
         return
     ref, why = missing[0]
     names = listing([m for m, _ in missing])
-    if _top(ref) == "__main__":
+    if ref.split(".", 1)[0] == "__main__":
         raise LoadError(
             f"{path}: the pickle references {names}, a class defined in the script that saved "
             "it; move the class into an importable module (see --import-path DIR) or save a "
@@ -441,5 +281,5 @@ def raise_for_missing(path: Path, missing: Sequence[tuple[str, str]]) -> None:
         )
     raise LoadError(
         f"{path}: cannot import {names} named by the pickle ({why}); run from the directory "
-        f"that holds the {_top(ref)!r} package or pass --import-path DIR"
+        f"that holds the {ref.split('.', 1)[0]!r} package or pass --import-path DIR"
     )
