@@ -114,6 +114,9 @@ _TORCH_PLAIN_CLASSES = (
 _TORCH_OP_MODULES = frozenset(
     {"torch", "torch._C._nn", "torch._C._linalg", "torch._C._special", "torch._C._fft", "torch._C._VariableFunctions"}
 )
+# Stored functions are never called on load, but a model's forward may call what it holds.
+_TORCH_SIDE_EFFECT_NAME = re.compile(r"file|save|load|library|seed|print|thread|process|hub|import|exec|compile",
+                                     re.IGNORECASE)
 _TORCH_NN_DENIED = frozenset({"torch.nn.parallel.distributed"})
 _KERNELS_REBUILD = "kernels._internals.layer.layer._rebuild_kernel_func"
 _TORCH_NN_DIRS = tuple(os.path.join(os.path.dirname(torch.__file__), *sub, "") for sub in (("nn",), ("ao", "nn")))
@@ -183,6 +186,9 @@ def _is_torch_nn_module_class(obj: Any) -> bool:
 
 
 def _is_torch_operator(module: str, obj: Any) -> bool:
+    """A torch function a model may hold as an attribute (an activation); never one that touches files."""
+    if _TORCH_SIDE_EFFECT_NAME.search(getattr(obj, "__name__", "")):
+        return False
     if isinstance(obj, types.BuiltinFunctionType):
         return module in _TORCH_OP_MODULES and not obj.__name__.startswith("_")
     if isinstance(obj, types.FunctionType):
