@@ -38,6 +38,7 @@ from .pickle_safety import (
     TRUST_FLAG,
     check_file,
     check_pickle,
+    refuse_zip_bombs,
     listing,
     one_line,
     scan_pickle_globals,
@@ -158,6 +159,7 @@ def _sniff_zip(path: Path, *, expected: str = EXPECTED_FORMS) -> Literal["pt2", 
     """A .pt2 archive or a torch.save zip; TorchScript and other zips are errors."""
     try:
         with zipfile.ZipFile(path) as zf:
+            refuse_zip_bombs(path, zf)
             names = zf.namelist()
             if _is_pt2_archive(zf, names) or path.suffix == ".pt2":
                 return "pt2"

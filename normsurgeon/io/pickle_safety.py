@@ -120,21 +120,12 @@ def check_pickle(path: Path, *, allow_classes: bool, user_paths: Sequence[str | 
 
 
 def _storage_bounds(path: Path) -> tuple[Any, int]:
-    """How many bytes each storage may claim: its archive member's size (zip), or the file's size.
-
-    torch.save never compresses; a member that inflates beyond the whole file is refused here,
-    before torch would inflate it.
-    """
+    """How many bytes each storage may claim: its archive member's size (zip), or the file's size."""
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
         return (lambda key: None), size
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
-    for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > size:
-            raise LoadError(f"{path}: archive member {info.filename} inflates to {info.file_size} bytes, more than "
-                            f"the {size}-byte file (a zip bomb?); re-save the model with torch.save, or pass "
-                            f"{TRUST_FLAG} if you trust this file")
     members = {info.filename.rsplit("/data/", 1)[-1]: info.file_size for info in infos
                if "/data/" in info.filename or info.filename.startswith("data/")}
     return (lambda key: members.get(str(key), 0)), sum(members.values())
@@ -203,6 +194,17 @@ def scan_zip_pickles(zf: zipfile.ZipFile, label: str) -> PickleScan:
     return scan
 
 
+def refuse_zip_bombs(path: Path, zf: zipfile.ZipFile) -> None:
+    """Refuse a compressed member that would inflate beyond the size of the whole file (torch.save
+    never compresses), before anything inflates it."""
+    size = path.stat().st_size
+    for info in zf.infolist():
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > size:
+            raise LoadError(f"{path}: archive member {info.filename} inflates to {info.file_size} bytes, more than "
+                            f"the {size}-byte file (a zip bomb?); re-save it with torch.save, or pass "
+                            f"{TRUST_FLAG} if you trust this file")
+
+
 def _scan_file(path: Path) -> PickleScan:
     """Scan a torch.save zip (its data.pkl) or a legacy/plain pickle file."""
     with open(path, "rb") as f:
@@ -210,6 +212,7 @@ def _scan_file(path: Path) -> PickleScan:
     if is_zip:
         try:
             with zipfile.ZipFile(path) as zf:
+                refuse_zip_bombs(path, zf)
                 return scan_zip_pickles(zf, str(path))
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             problem = f"{path}: truncated or corrupt zip archive ({one_line(exc, 80)}); re-save the file"

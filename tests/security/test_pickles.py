@@ -456,3 +456,15 @@ def test_ordinary_checkpoints_load_without_flags(zip_format: bool, tmp_path: Pat
 
     _same_outputs(loaded.model, model, torch.randn(2, 2, 6))
     assert loaded.notes == ["took the module stored under the checkpoint's 'model' key"]
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(sandbox: Sandbox) -> None:
+    path = save(nn.Linear(2, 2), sandbox.root / "bomb.pt")
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("archive/data/bomb", "w", force_zip64=True) as member:
+            for _ in range(16):
+                member.write(bytes(16 * 1024 * 1024))  # 256 MiB of zeros, about 256 KB compressed
+
+    message = refused(lambda: load_model(path), LoadError)
+
+    assert "zip bomb" in message and path.stat().st_size < 1024 * 1024
