@@ -644,43 +644,49 @@ _MUTABLE_LISTS = (list,)
 _MUTABLE_DICTS = (dict, OrderedDict, Counter)
 
 
-def _target(u: StrictUnpickler, allowed: tuple[type, ...], op: str) -> Any:
+def _target(u: StrictUnpickler, builtins: tuple[type, ...], method: str, op: str) -> Any:
+    """The container an APPEND/SETITEM fills: a built-in one, or an accepted subclass that keeps its ``method``."""
     target = u._stack[-1]
-    if type(target) not in allowed:
-        raise Refused(f"{op} on a {_name_of(type(target))} is not allowed")
-    return target
+    kind = type(target)
+    if kind in builtins or (kind in u._policy.classes and _defining_class(kind, method) in builtins):
+        return target
+    raise Refused(f"{op} on a {_name_of(kind)} is not allowed")
 
 
 @_op(pickle.APPEND)
 def _append(u: StrictUnpickler) -> None:
     item = u._stack.pop()
-    _target(u, _MUTABLE_LISTS, "APPEND").append(item)
+    list.append(_target(u, _MUTABLE_LISTS, "append", "APPEND"), item)
 
 
 @_op(pickle.APPENDS)
 def _appends(u: StrictUnpickler) -> None:
     items = u._pop_mark()
-    _target(u, _MUTABLE_LISTS, "APPENDS").extend(items)
+    list.extend(_target(u, _MUTABLE_LISTS, "extend", "APPENDS"), items)
 
 
 @_op(pickle.SETITEM)
 def _setitem(u: StrictUnpickler) -> None:
     value, key = u._stack.pop(), u._stack.pop()
-    _target(u, _MUTABLE_DICTS, "SETITEM")[key] = value
+    _set_items(_target(u, _MUTABLE_DICTS, "__setitem__", "SETITEM"), [key, value])
 
 
 @_op(pickle.SETITEMS)
 def _setitems(u: StrictUnpickler) -> None:
     items = u._pop_mark()
-    target = _target(u, _MUTABLE_DICTS, "SETITEMS")
+    _set_items(_target(u, _MUTABLE_DICTS, "__setitem__", "SETITEMS"), items)
+
+
+def _set_items(target: dict, items: list[Any]) -> None:
+    setitem = OrderedDict.__setitem__ if isinstance(target, OrderedDict) else dict.__setitem__
     for i in range(0, len(items) - 1, 2):
-        target[items[i]] = items[i + 1]
+        setitem(target, items[i], items[i + 1])
 
 
 @_op(pickle.ADDITEMS)
 def _additems(u: StrictUnpickler) -> None:
     items = u._pop_mark()
-    _target(u, (set,), "ADDITEMS").update(items)
+    set.update(_target(u, (set,), "update", "ADDITEMS"), items)
 
 
 # memo

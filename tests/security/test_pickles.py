@@ -468,3 +468,27 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(sandbox: Sandbox) -> None:
     message = refused(lambda: load_model(path), LoadError)
 
     assert "zip bomb" in message and path.stat().st_size < 1024 * 1024
+
+
+class Settings(dict):
+    """A plain dict subclass a package may keep beside its model (restored with dict's own methods)."""
+
+
+class WithSettings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.settings = Settings(scale=2, names=["a"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.settings["scale"]
+
+
+def test_a_dict_subclass_of_the_models_package_loads(tmp_path: Path) -> None:
+    model = WithSettings().eval()
+    path = save(model, tmp_path / "settings.pt")
+
+    loaded = load_model(path).model
+
+    assert type(loaded.settings) is Settings and loaded.settings == {"scale": 2, "names": ["a"]}
+    _same_outputs(loaded, model, torch.randn(3, 2))
