@@ -44,6 +44,7 @@ from .pickle_safety import (
     scan_pickle_globals,
 )
 from . import strict_unpickler
+from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
 from .pt2_safety import check_pt2_archive
 from .verdict import installed_packages_first
 
@@ -58,7 +59,7 @@ class LoadedModel:
 
     model: nn.Module  # for .pt2: exported_program.module()
     source: Path
-    form: Literal["module", "state_dict+factory", "exported_program"]
+    form: Literal["module", "state_dict+factory", "exported_program", "pretrained_dir"]
     exported_program: torch.export.ExportedProgram | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "loaded with --trust-pickle"
 
@@ -73,16 +74,24 @@ def load_model(
     trust_pickle: bool = False,
     import_paths: Sequence[str | Path] = (),
 ) -> LoadedModel:
-    """Load a pickled module, a state_dict plus ``factory``, or a ``.pt2`` exported program.
+    """Load a pickled module, a state_dict (``.pt`` or safetensors) plus ``factory``, a ``.pt2``
+    exported program, or a Hugging Face ``save_pretrained`` directory.
 
     The file is checked before torch reads it, so an untrusted checkpoint cannot run code
     unless ``trust_pickle`` is set. ``import_paths`` (and the cwd) are put on sys.path while
-    loading, so the model's own classes and the factory can be imported.
+    loading, after the installed packages, so the model's own classes and the factory can be imported.
     """
     path = Path(path)
+    folder = pretrained_dir_of(path) if path.exists() else None
+    if folder is not None and factory is None:
+        return LoadedModel(model=load_pretrained_dir(folder), source=folder, form="pretrained_dir")
     check_file(path)
-    kind = _sniff(path)
     notes = [_trust_note()] if trust_pickle else []
+    if is_safetensors(path):
+        with _import_paths(import_paths):
+            model, form = _interpret(load_safetensors(path), path, factory, import_paths, notes)
+        return LoadedModel(model=model, source=path, form=form, notes=[])
+    kind = _sniff(path)
     with _import_paths(import_paths):
         if kind == "pt2":
             return _load_pt2(path, trust_pickle=trust_pickle, notes=notes)

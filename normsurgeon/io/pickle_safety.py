@@ -68,7 +68,8 @@ def check_file(path: Path, *, expected: str = EXPECTED_FORMS) -> None:
     if not path.exists():
         raise LoadError(f"{path}: no such file; check the path")
     if path.is_dir():
-        fix = "pass the .pt or .pt2 file itself" if expected == EXPECTED_FORMS else "pass the .pt file itself"
+        fix = ("pass the .pt or .pt2 file itself, or a Hugging Face save_pretrained directory (config.json and "
+               "model.safetensors)") if expected == EXPECTED_FORMS else "pass the .pt file itself"
         raise LoadError(f"{path}: is a directory, not a file; {fix}")
     if path.stat().st_size == 0:
         raise LoadError(f"{path}: file is empty; {expected}")

@@ -1,0 +1,144 @@
+"""Hugging Face ``save_pretrained`` directories and safetensors files, opened without running their code.
+
+A ``save_pretrained`` directory holds ``config.json`` and weights (``model.safetensors``, sharded
+``model.safetensors.index.json``, or ``pytorch_model.bin``). The model is rebuilt by transformers
+from the local config, offline, from the class named in ``config.architectures``, which must be
+one of transformers' own classes: a config that asks for custom code (``auto_map``) is refused,
+since normsurgeon never runs a repository's code. safetensors holds tensors only; a
+``pytorch_model.bin`` is checked by the same tensor-only scan as an inputs file before
+transformers reads it weights-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from normsurgeon.errors import LoadError, UnsafePickleError
+
+from .pickle_safety import check_pickle, one_line
+
+CONFIG = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def pretrained_dir_of(path: Path) -> Path | None:
+    """The save_pretrained directory ``path`` is or lies in (its config.json or a weights file), else None."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name != CONFIG and path.name not in WEIGHT_FILES and not _is_shard(path):
+        return None
+    if (folder / CONFIG).is_file() and any((folder / name).is_file() for name in WEIGHT_FILES):
+        return folder
+    return None
+
+
+def _is_shard(path: Path) -> bool:
+    return path.name.startswith(("model-", "pytorch_model-")) and path.suffix in (".safetensors", ".bin")
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when ``path`` starts like a safetensors file: an 8-byte header length, then a JSON object."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < length <= min(_MAX_SAFETENSORS_HEADER, path.stat().st_size - 8)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state_dict (tensors only: nothing in it can run)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{path}: not a readable safetensors file ({one_line(exc, 120)}); re-save it") from exc
+
+
+def load_pretrained_dir(folder: Path) -> nn.Module:
+    """Build the model of a save_pretrained directory with transformers, offline, in eval mode."""
+    transformers = _import_transformers(folder)
+    config = _read_config(folder)
+    model_class = _model_class(transformers, config, folder)
+    _check_pickled_weights(folder)
+    with _offline():
+        try:
+            model = model_class.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        except Exception as exc:  # transformers explains missing or mismatched weights in its message
+            raise LoadError(f"{folder}: transformers could not load it ({type(exc).__name__}: "
+                            f"{one_line(exc, 160)}); check config.json and the weight files") from exc
+    return model.eval()
+
+
+def _import_transformers(folder: Path) -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise LoadError(f"{folder}: a Hugging Face save_pretrained directory needs transformers; "
+                        "pip install transformers") from exc
+    return transformers
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise LoadError(f"{path}: {path.stat().st_size} bytes is not a model config; check the directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LoadError(f"{path}: not valid JSON ({one_line(exc, 80)}); re-save the model with save_pretrained") from exc
+    if not isinstance(config, dict):
+        raise LoadError(f"{path}: holds {type(config).__name__}, not a config object; re-save with save_pretrained")
+    if config.get("auto_map"):
+        raise UnsafePickleError(
+            f"{folder}: config.json asks for custom code (auto_map: {one_line(config['auto_map'], 80)}); "
+            "normsurgeon never runs a repository's code. Load the model in Python and torch.save it, "
+            "or pass its weights with --factory module:callable"
+        )
+    return config
+
+
+def _model_class(transformers: Any, config: dict[str, Any], folder: Path) -> Any:
+    """The transformers class named by ``architectures`` (or AutoModel for the config's model type)."""
+    names = config.get("architectures") or []
+    for name in names:
+        cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    if names:
+        raise LoadError(f"{folder}: config.json names architectures {names}, which transformers "
+                        f"{transformers.__version__} does not have; upgrade transformers or fix 'architectures'")
+    return transformers.AutoModel
+
+
+def _check_pickled_weights(folder: Path) -> None:
+    """pytorch_model.bin files are pickles: the same tensor-only verdict as an inputs file, before transformers."""
+    for path in sorted(folder.glob("pytorch_model*.bin")):
+        check_pickle(path, allow_classes=False)
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """No network while transformers reads the directory (it would otherwise look up remote files)."""
+    saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({key: "1" for key in saved})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

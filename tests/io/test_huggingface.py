@@ -1,0 +1,159 @@
+"""Hugging Face save_pretrained directories and safetensors files as MODEL (issue 15): loaded offline,
+without running repository code, matching the model that was saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normsurgeon.errors import LoadError, UnsafePickleError, UsageError
+from normsurgeon.io.loading import load_model
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 64}
+
+
+def build(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    ids = (torch.randint(0, 64, (2, 8)),)
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT, num_key_value_heads=2)).eval(), ids
+    if name == "bert":
+        return transformers.BertModel(transformers.BertConfig(**TEXT)).eval(), ids
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return transformers.GPT2LMHeadModel(config).eval(), ids
+    if name == "resnet":
+        config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+        return transformers.ResNetModel(config).eval(), (torch.randn(2, 3, 32, 32),)
+    raise KeyError(name)
+
+
+def first_output(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, nn.Module, tuple]]:
+    folders = {}
+    for name in ("llama", "bert", "gpt2", "resnet"):
+        model, inputs = build(name)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        folders[name] = (folder, model, inputs)
+    return folders
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "gpt2", "resnet"])
+@pytest.mark.parametrize("given", ["folder", "config.json", "model.safetensors"])
+def test_a_save_pretrained_directory_loads_as_the_model_that_was_saved(name: str, given: str, saved: dict) -> None:
+    folder, model, inputs = saved[name]
+    path = folder if given == "folder" else folder / given
+
+    loaded = load_model(path)
+
+    assert loaded.form == "pretrained_dir" and loaded.source == folder
+    assert type(loaded.model) is type(model) and not loaded.model.training
+    torch.testing.assert_close(first_output(loaded.model, inputs), first_output(model, inputs), rtol=0, atol=0)
+
+
+def test_sharded_safetensors_load(tmp_path: Path) -> None:
+    model, inputs = build("llama")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+    loaded = load_model(tmp_path).model
+
+    torch.testing.assert_close(first_output(loaded, inputs), first_output(model, inputs), rtol=0, atol=0)
+
+
+def test_pytorch_model_bin_is_checked_tensor_only_before_transformers_reads_it(tmp_path: Path) -> None:
+    model, inputs = build("bert")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+
+    loaded = load_model(tmp_path).model
+    torch.testing.assert_close(first_output(loaded, inputs), first_output(model, inputs), rtol=0, atol=0)
+
+    marker = tmp_path / "PWNED"
+    torch.save({"x": _Payload(str(marker))}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UnsafePickleError):
+        load_model(tmp_path)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_config_asking_for_custom_code_is_refused(saved: dict, tmp_path: Path) -> None:
+    folder, _, _ = saved["bert"]
+    for item in folder.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(UnsafePickleError) as info:
+        load_model(tmp_path)
+
+    assert "custom code" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_unknown_architecture_is_named(saved: dict, tmp_path: Path) -> None:
+    folder, _, _ = saved["bert"]
+    for item in folder.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["NoSuchModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(LoadError) as info:
+        load_model(tmp_path)
+
+    assert "NoSuchModel" in str(info.value)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def build_two_layers() -> nn.Module:
+    return TwoLayers().eval()
+
+
+def test_a_safetensors_file_with_a_factory(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = TwoLayers().eval()
+    save_file(model.state_dict(), tmp_path / "weights.safetensors")
+
+    loaded = load_model(tmp_path / "weights.safetensors", factory=f"{__name__}:build_two_layers")
+
+    assert loaded.form == "state_dict+factory"
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
+    with pytest.raises(UsageError) as info:
+        load_model(tmp_path / "weights.safetensors")
+    assert "--factory" in str(info.value)
