@@ -172,7 +172,7 @@ def _sniff_zip(path: Path, *, expected: str = EXPECTED_FORMS) -> Literal["pt2", 
             names = zf.namelist()
             if _is_pt2_archive(zf, names) or path.suffix == ".pt2":
                 return "pt2"
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # ValueError: undecodable member names
         raise LoadError(
             f"{path}: truncated or corrupt zip archive ({one_line(exc)}); re-save or re-download the file"
         ) from exc

@@ -139,7 +139,8 @@ _STRING_OPS = frozenset(
 )
 _GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
-_NO_PUSH_OPS = frozenset({"PROTO", "FRAME", "MARK", "STOP", "POP", "POP_MARK"})
+_NO_PUSH_OPS = frozenset({"PROTO", "FRAME", "STOP"})
+_MARK = object()
 # A legacy (non-zip) torch.save file is five pickles followed by raw storage bytes.
 LEGACY_PICKLES = 5
 
@@ -215,7 +216,7 @@ def _scan_file(path: Path) -> PickleScan:
             with zipfile.ZipFile(path) as zf:
                 refuse_zip_bombs(path, zf)
                 return scan_zip_pickles(zf, str(path))
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # ValueError: undecodable names
             problem = f"{path}: truncated or corrupt zip archive ({one_line(exc, 80)}); re-save the file"
             return PickleScan(problem=problem)
     with open(path, "rb") as f:
@@ -256,6 +257,14 @@ def _ops_globals(stream: IO[bytes]) -> Iterator[tuple[str, str]]:
             pushed.append(memo.get(arg))
         elif name in _PUT_OPS or name == "MEMOIZE":
             memo[arg if name != "MEMOIZE" else len(memo)] = pushed[-1] if pushed else None
+        elif name == "MARK":
+            pushed.append(_MARK)
+        elif name == "POP":  # modelled exactly: a hidden pair of strings must not pass for the real one
+            if pushed:
+                pushed.pop()
+        elif name == "POP_MARK":
+            while pushed and pushed.pop() is not _MARK:
+                pass
         elif name not in _NO_PUSH_OPS:
             pushed.append(None)
 

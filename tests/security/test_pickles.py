@@ -492,3 +492,29 @@ def test_a_dict_subclass_of_the_models_package_loads(tmp_path: Path) -> None:
 
     assert type(loaded.settings) is Settings and loaded.settings == {"scale": 2, "names": ["a"]}
     _same_outputs(loaded, model, torch.randn(3, 2))
+
+
+def test_a_global_hidden_behind_pop_is_seen_by_the_scan(sandbox: Sandbox) -> None:
+    """Push 'os' 'system', then a harmless pair, POP it, and STACK_GLOBAL the first pair."""
+    def string(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    payload = (b"\x80\x04" + string("posix") + string("system") + string("collections") + string("OrderedDict")
+               + b"00\x93" + string(f"touch {sandbox.marker}") + b"\x85R.")
+    path = write_torch_save(sandbox.root / "pop.pt", payload)
+    sandbox.snapshot()
+
+    message = refused(lambda: load_model(path), UnsafePickleError)
+
+    assert "os.system" in message
+    sandbox.assert_untouched()
+
+
+def test_an_undecodable_member_name_is_a_load_error(tmp_path: Path) -> None:
+    path = save(nn.Linear(2, 2), tmp_path / "names.pt")
+    data = bytearray(path.read_bytes())
+    index = data.rindex(b"names/data.pkl")  # the central directory entry, flagged as UTF-8 by torch
+    data[index:index + 5] = b"\xff\xfe\xfd\xfc\xfb"
+    path.write_bytes(bytes(data))
+
+    refused(lambda: load_model(path), LoadError)
