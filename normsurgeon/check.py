@@ -8,7 +8,7 @@ flattened into named tensors and compared one by one. Float outputs pass when
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -32,22 +32,32 @@ def default_tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def flatten_outputs(obj: Any, prefix: str = "output") -> list[tuple[str, torch.Tensor]]:
-    """Named tensors of a (nested) model output, in a stable order."""
-    return list(_walk(obj, prefix))
+    """Named tensors of a (nested) model output, in a stable order (depth first, in container order).
 
-
-def _walk(obj: Any, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        yield name, obj
-    elif isinstance(obj, dict):  # also transformers' ModelOutput, an OrderedDict subclass
-        for key, value in obj.items():
-            yield from _walk(value, f"{name}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _walk(value, f"{name}[{i}]")
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _walk(getattr(obj, f.name), f"{name}.{f.name}")
+    Iterative, and a container met again (one returned twice, a DAG, a cycle) is listed under its
+    first name only: linear in the distinct containers, whatever their sharing or depth.
+    """
+    found: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(obj, prefix)]
+    while stack:
+        item, name = stack.pop()
+        if isinstance(item, torch.Tensor):
+            found.append((name, item))
+            continue
+        if isinstance(item, dict):  # also transformers' ModelOutput, an OrderedDict subclass
+            children = [(value, f"{name}.{key}") for key, value in item.items()]
+        elif isinstance(item, (list, tuple)):
+            children = [(value, f"{name}[{i}]") for i, value in enumerate(item)]
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            children = [(getattr(item, f.name), f"{name}.{f.name}") for f in dataclasses.fields(item)]
+        else:
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        stack.extend(reversed(children))
+    return found
 
 
 def compare_outputs(

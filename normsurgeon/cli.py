@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import sys
 import traceback
@@ -19,7 +20,7 @@ import click
 from rich.console import Console
 
 from . import _cli_import_interruptible
-from .errors import NormSurgeonError
+from .errors import LoadError, NormSurgeonError
 from .render import print_report, render_json
 
 _stdout = Console(highlight=False, soft_wrap=True)
@@ -79,6 +80,21 @@ def output_options(func: Callable | None = None, *, default: str = "MODEL.out.pt
     return decorate(func) if func is not None else decorate
 
 
+def load_checked(path: Path, **options: Any) -> Any:
+    """``load_model``, then a one-line LoadError for a model no walk could finish.
+
+    A module graph with a cycle, with exponentially many paths (``Sequential(m, m)`` nested 60
+    deep is 17 KB) or nested deeper than torch's recursive walks go is refused here, in linear
+    time, before the command calls ``eval()``, reads its parameters or runs it.
+    """
+    from .io.loading import load_model
+    from .walk import refuse_unwalkable
+
+    loaded = load_model(path, **options)
+    refuse_unwalkable(loaded.model, path)
+    return loaded
+
+
 class _Tolerance(click.FloatRange):
     name = "float"  # shown as FLOAT [x>=0], not FLOAT RANGE
 
@@ -96,7 +112,8 @@ def handle_errors(func: Callable) -> Callable:
         as_json, verbose = kwargs.get("as_json", False), kwargs.get("verbose", False)
         try:
             return func(*args, **kwargs)
-        except NormSurgeonError as error:
+        except (NormSurgeonError, RecursionError, MemoryError) as caught:
+            error = caught if isinstance(caught, NormSurgeonError) else resource_error(caught)
             if verbose:
                 _stderr.print(traceback.format_exc(), markup=False)
             if as_json:
@@ -108,6 +125,49 @@ def handle_errors(func: Callable) -> Callable:
             sys.exit(130)
 
     return wrapper
+
+
+# The modules that read files: a RecursionError or MemoryError whose innermost normsurgeon frame is in one
+# of them came from a file that is too deep or too big.
+_READERS = frozenset({"loading.py", "data.py", "inputs.py", "strict_unpickler.py", "pickle_safety.py", "verdict.py",
+                      "pt2_safety.py", "static_lookup.py", "runtime.py"})
+
+
+def resource_error(exc: BaseException) -> NormSurgeonError:
+    """A RecursionError or MemoryError as one line: a LoadError naming the file when it came from reading one.
+
+    Reading means the innermost normsurgeon frame on the traceback is in one of the modules that read
+    files (normsurgeon/io/loading.py, data.py, inputs.py, the pickle checks; onnx/runtime.py); the file
+    is the ``path`` (or ``source``) argument of the innermost such frame that has one. Anywhere else
+    (running or editing the model) it is a plain NormSurgeonError (exit 1).
+    """
+    reading, file = False, None
+    tb = exc.__traceback__
+    while tb is not None:  # outermost to innermost: what counts is the last normsurgeon frame
+        frame = tb.tb_frame
+        filename = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/normsurgeon/" in filename:
+            reading = filename.rsplit("/", 1)[-1] in _READERS and "/normsurgeon/io/" in filename or \
+                filename.endswith("/normsurgeon/onnx/runtime.py")
+            for name in ("path", "source", "inputs_file", "data_path") if reading else ():
+                value = frame.f_locals.get(name)
+                if isinstance(value, (str, Path)):
+                    file = value
+                    break
+        tb = tb.tb_next
+    recursion = isinstance(exc, RecursionError)
+    if reading:
+        where = f"{file}" if file is not None else "an input file"
+        if recursion:
+            return LoadError(f"{where}: nested too deeply to read (RecursionError; a hostile or corrupt file?); "
+                             "re-save it")
+        return LoadError(f"{where}: reading it needs more memory than there is (MemoryError; a hostile or corrupt "
+                         "file?); re-save it, or pass a smaller file")
+    if recursion:
+        return NormSurgeonError("the model or its inputs are nested too deeply to process (RecursionError); "
+                                "pass a flatter model or inputs")
+    return NormSurgeonError("ran out of memory (MemoryError) while processing the model; free memory, or pass a "
+                            "smaller model or smaller inputs")
 
 
 INTERRUPTED = "interrupted: the input is unchanged, and the output was written completely or not at all"

@@ -11,6 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .walk import module_graph, registrations
+
 ParentIndex = dict[int, list[tuple[nn.Module, str, str]]]
 
 
@@ -37,13 +39,18 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def module_parents(model: nn.Module) -> ParentIndex:
-    """id(child) -> every (parent, attribute name, path) registering it; build once per pass."""
+    """id(child) -> every (parent, attribute name, path) registering it; build once per pass.
+
+    Each (parent, name) registration is listed once, with the parent's first path: a parent that is
+    itself registered under several names (a module DAG) is not listed once per path to it, so the
+    index is linear in the number of registrations, not in the (possibly exponential) number of paths.
+    """
+    graph = module_graph(model)
     index: ParentIndex = {}
-    for parent_path, parent in model.named_modules(remove_duplicate=False):
-        for name, child in parent._modules.items():
-            if child is not None:
-                path = f"{parent_path}.{name}" if parent_path else name
-                index.setdefault(id(child), []).append((parent, name, path))
+    for parent, name, child in graph.edges:
+        parent_path = graph.first_path[id(parent)]
+        path = f"{parent_path}.{name}" if parent_path else name
+        index.setdefault(id(child), []).append((parent, name, path))
     return index
 
 
@@ -76,9 +83,8 @@ def shared_parameter_ids(model: nn.Module) -> set[int]:
     """ids of the parameters a pass must not edit in place: one registered twice (tied weights), or
     one whose memory another parameter or buffer also uses (``nn.Parameter(conv.weight.view(...))``,
     a state_dict saved with views): editing it would silently change the other too."""
-    seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
+    # How often named_parameters(remove_duplicate=False) would list each one, counted without enumerating the paths.
+    seen = registrations(module_graph(model))
     shared = {key for key, count in seen.items() if count > 1}
     spans = sorted(
         (str(t.device), t.data_ptr(), t.data_ptr() + _byte_extent(t), id(t))

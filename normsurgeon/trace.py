@@ -26,9 +26,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils import _pytree as pytree
 
 from .errors import PreconditionError, UsageError
+from .walk import node_children, refuse_unwalkable
 
 METADATA_READS = frozenset(
     {
@@ -120,19 +121,42 @@ _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.Si
 _LEAVES = (torch.Tensor, *_PLAIN)
 
 
-def map_leaves(fn: Callable[[Any], Any], obj: Any) -> Any:
+def map_leaves(fn: Callable[[Any], Any], obj: Any, _memo: dict[int, Any] | None = None) -> Any:
     """``tree_map`` for the arguments of one op: plain tuples, lists and dicts walked directly.
 
     It runs for every op of a traced (or float64) run, where pytree's generic walk was a fifth of
-    the time; other containers (named tuples, registered pytree nodes) still go through pytree.
+    the time; other containers (named tuples, registered pytree nodes) are taken apart one level
+    at a time by pytree's own flatten/unflatten. A container met twice (a DAG) is mapped once and
+    shared, so the work is linear in the distinct containers, not in the paths to them; one that
+    contains itself is a ValueError.
     """
     if isinstance(obj, _LEAVES):
         return fn(obj)
-    if type(obj) in (tuple, list):
-        return type(obj)(map_leaves(fn, x) for x in obj)
-    if type(obj) is dict:
-        return {key: map_leaves(fn, value) for key, value in obj.items()}
-    return tree_map(fn, obj)
+    kind = type(obj)
+    memo = {} if _memo is None else _memo
+    key = id(obj)
+    if key in memo:
+        if memo[key] is _IN_PROGRESS:
+            raise ValueError(f"a {kind.__name__} that contains itself")
+        return memo[key]
+    if kind is tuple or kind is list:
+        memo[key] = _IN_PROGRESS
+        result = kind(map_leaves(fn, x, memo) for x in obj)
+    elif kind is dict:
+        memo[key] = _IN_PROGRESS
+        result = {k: map_leaves(fn, v, memo) for k, v in obj.items()}
+    else:
+        node = None if pytree.tree_is_leaf(obj) else pytree.SUPPORTED_NODES.get(pytree._get_node_type(obj))
+        if node is None:
+            return fn(obj)
+        memo[key] = _IN_PROGRESS
+        children, context = node.flatten_fn(obj)
+        result = node.unflatten_fn([map_leaves(fn, c, memo) for c in children], context)
+    memo[key] = result
+    return result
+
+
+_IN_PROGRESS = object()
 
 
 def _without_tensors(obj: Any) -> Any:
@@ -140,21 +164,36 @@ def _without_tensors(obj: Any) -> Any:
     return map_leaves(lambda x: None if isinstance(x, torch.Tensor) else x, obj)
 
 
-def _tensors(obj: Any, found: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """The tensors in a (nested) argument or output, in order (walked like :func:`map_leaves`)."""
-    found = [] if found is None else found
-    if isinstance(obj, torch.Tensor):
-        found.append(obj)
-    elif isinstance(obj, _PLAIN):
-        pass
-    elif type(obj) in (tuple, list):
-        for item in obj:
-            _tensors(item, found)
-    elif type(obj) is dict:
-        for item in obj.values():
-            _tensors(item, found)
-    else:
-        found.extend(x for x in tree_flatten(obj)[0] if isinstance(x, torch.Tensor))
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) argument or output, in order (walked like :func:`map_leaves`).
+
+    Iterative, and a container met again (a DAG, a cycle) is not walked again: linear in the
+    distinct containers whatever their nesting or sharing.
+    """
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [obj]
+    pop, push, add = stack.pop, stack.extend, found.append
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is tuple or kind is list:
+            children: Any = item
+        elif kind is dict:
+            children = list(item.values())
+        elif isinstance(item, torch.Tensor):
+            add(item)
+            continue
+        elif isinstance(item, _PLAIN):
+            continue
+        else:
+            children = node_children(item)
+            if children is None:
+                continue
+        key = id(item)
+        if key not in seen:
+            seen.add(key)
+            push(reversed(children))
     return found
 
 
@@ -257,7 +296,10 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
     """
     refuse_unusable(model, example_inputs)
-    paths = {m: p for p, m in model.named_modules(remove_duplicate=False)}
+    # Each module once, named by the last of its paths (as named_modules(remove_duplicate=False) would, without
+    # enumerating the paths: a module DAG has exponentially many); a cycle or a path explosion is refused.
+    graph = refuse_unwalkable(model)
+    paths = {m: graph.last_path[id(m)] for m in graph.modules}
     owned = _parameters_and_buffers(paths)
     _refuse_meta(owned.values(), example_inputs)
     recorder = _Recorder(model, paths, set(owned))

@@ -13,6 +13,7 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
+    load_checked,
     model_options,
     output_options,
 )
@@ -54,18 +55,17 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
       normsurgeon convert resnet.pt --to groupnorm --approximate
     """
     from ..io.inputs import resolve_inputs
-    from ..io.loading import load_model
-    from ..io.saving import check_output_path, default_output_path, save_module
+    from ..io.saving import check_output_path, default_output_path, files_read, save_module
     from ..passes.convert import convert_norms, parse_target
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
     source = NormKind.parse(from_, option="--from kind") if from_ else None
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: convert edits nn.Module layers, and a .pt2 ExportedProgram has none; "
                          "convert the module before torch.export")
-    out_path = check_output_path(output or default_output_path(model_path, "converted"), force=force,
-                                 protect=[model_path])
+    reads = files_read(model_path, inputs_file)  # never overwritten by -o
+    out_path = check_output_path(output or default_output_path(model_path, "converted"), force=force, protect=reads)
     model, notes = loaded.model, list(loaded.notes)
     if model.training:
         if not set_eval:
@@ -78,7 +78,7 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     if not report.changes:
         raise PreconditionError(nothing_converted(report))
     report.notes[:0] = [*notes, inputs.description]
-    save_module(report.model, out_path, force=force, protect=[model_path])
+    save_module(report.model, out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "converted": str(len(report.changed("converted"))), "skipped": str(len(report.skipped))}
     emit(report, as_json=as_json, title="normsurgeon convert", facts=facts, extra={"output": str(out_path)})

@@ -13,13 +13,13 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
+    load_checked,
     model_options,
     output_options,
     report_options,
 )
 from ..io.inputs import resolve_inputs
-from ..io.loading import load_model
-from ..io.saving import check_output_path
+from ..io.saving import check_output_path, files_read
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
                          show_default=True,
@@ -60,12 +60,13 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.export import export_onnx
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    out_path = check_output_path(output or model_path.with_suffix(".onnx"), force=force, protect=[model_path])
+    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    reads = files_read(model_path, inputs_file)  # never overwritten by -o
+    out_path = check_output_path(output or model_path.with_suffix(".onnx"), force=force, protect=reads)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
                          dynamic_batch=dynamic_batch, providers=providers, atol=atol, rtol=rtol, force=force,
-                         protect=[model_path], verbose=verbose)
+                         protect=reads, verbose=verbose)
     report.notes[:0] = [*loaded.notes, inputs.description]
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path)}
     emit(report, as_json=as_json, title="normsurgeon export", facts=facts, extra={"output": str(out_path)})
@@ -95,7 +96,7 @@ def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.verify import verify_onnx
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = verify_onnx(loaded.model, onnx_path, inputs.args, providers=providers, atol=atol, rtol=rtol)
     report.notes[:0] = [*loaded.notes, inputs.description]

@@ -14,15 +14,17 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
+    load_checked,
     model_options,
     output_options,
 )
 from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.inputs import resolve_inputs
-from ..io.loading import LoadedModel, load_model
+from ..io.loading import LoadedModel
 from ..io.saving import (
     check_output_path,
     default_output_path,
+    files_read,
     save_module,
     write_atomically,
 )
@@ -66,17 +68,18 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
       normsurgeon fold model.pt --inputs batch.pt --json
       normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
     """
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=[model_path])
+    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    reads = files_read(model_path, inputs_file)  # never overwritten by -o
+    out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=reads)
     if loaded.form == "exported_program":
         if affine:
             raise UsageError(f"{model_path}: --affine needs an nn.Module; a .pt2 ExportedProgram has no layers to edit")
         report = _fold_exported(loaded, input_shapes, inputs_file, trust_pickle, atol, rtol)
-        write_atomically(out_path, lambda tmp: torch.export.save(report.model, tmp), force=force, protect=[model_path])
+        write_atomically(out_path, lambda tmp: torch.export.save(report.model, tmp), force=force, protect=reads)
     else:
         report = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
                               affine, allow_default_stats, atol, rtol)
-        save_module(report.model, out_path, force=force, protect=[model_path])
+        save_module(report.model, out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
     if affine:

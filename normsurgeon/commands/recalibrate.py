@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, model_options, output_options
+from ..cli import emit, handle_errors, load_checked, model_options, output_options
 from ..errors import UsageError
 
 
@@ -36,29 +36,29 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
     Example:
       normsurgeon recalibrate averaged.pt --data calib.pt --batch-size 64
     """
-    from ..io.loading import load_model
     from ..io.saving import (
         check_output_path,
         default_output_path,
+        files_read,
         save_module,
         save_state_dict,
     )
     from ..passes.recalibrate import recalibrate as run_recalibration
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
-    out_path = check_output_path(output or default_output_path(model_path, "recalibrated"), force=force,
-                                 protect=[model_path, data_path])
+    reads = files_read(model_path, data_path)  # never overwritten by -o (a --data folder: every file in it)
+    out_path = check_output_path(output or default_output_path(model_path, "recalibrated"), force=force, protect=reads)
     # A progress bar only on a terminal: elsewhere it leaves a blank line on stderr.
     report = run_recalibration(loaded.model, data_path, batches=batches, batch_size=batch_size,
                                progress=sys.stderr.isatty(), trust_pickle=trust_pickle)
     report.notes[:0] = list(loaded.notes)
     if loaded.form == "state_dict+factory":
-        save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path, data_path])
+        save_state_dict(report.model.state_dict(), out_path, force=force, protect=reads)
         out_form = "state_dict"
     else:
-        save_module(report.model, out_path, force=force, protect=[model_path, data_path])
+        save_module(report.model, out_path, force=force, protect=reads)
         out_form = "module"
     facts = {"model": f"{model_path} ({loaded.form})", "data": str(data_path), "output": f"{out_path} ({out_form})"}
     emit(report, as_json=as_json, title="normsurgeon recalibrate", facts=facts,

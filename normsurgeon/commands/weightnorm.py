@@ -9,7 +9,7 @@ from typing import Any
 import click
 import torch
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..cli import emit, handle_errors, input_options, load_checked, model_options, output_options
 from ..errors import LoadError, PreconditionError, UsageError
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
@@ -54,7 +54,7 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
       normsurgeon weightnorm apply model.pt --init-data batch.pt --input-shape 8,3,32,32
       normsurgeon weightnorm apply model.pt --layer-type conv2d --layer-type linear
     """
-    from ..io.saving import check_output_path, default_output_path, save_state_dict
+    from ..io.saving import check_output_path, default_output_path, files_read, save_state_dict
     from ..passes.weight_norm import (
         SUPPORTED_LAYER_TYPES,
         apply_weight_norm,
@@ -63,11 +63,12 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
 
     types = resolve_layer_types(layer_types or SUPPORTED_LAYER_TYPES)
     model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
-    out_path = check_output_path(output or default_output_path(model_path, "weightnorm"), force=force, protect=[model_path])
+    reads = files_read(model_path, inputs_file, init_data)  # never overwritten by -o
+    out_path = check_output_path(output or default_output_path(model_path, "weightnorm"), force=force, protect=reads)
     report = apply_weight_norm(model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
                                example_inputs=inputs.args if inputs else None, trust_pickle=trust_pickle)
     report.notes[:0] = notes + ([inputs.description] if inputs else [])
-    save_state_dict(report.model.state_dict(), out_path, force=force, protect=[model_path])
+    save_state_dict(report.model.state_dict(), out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({form})", "output": f"{out_path} (state_dict)"}
     emit(report, as_json=as_json, title="normsurgeon weightnorm apply", facts=facts,
          extra={"output": str(out_path), "output_form": "state_dict"})
@@ -95,28 +96,30 @@ def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     from ..io.saving import (
         check_output_path,
         default_output_path,
+        files_read,
         save_module,
         save_state_dict,
     )
     from ..passes.weight_norm import remove_weight_norm
 
     out_path = output or default_output_path(model_path, "plain")
+    reads = files_read(model_path, inputs_file)  # never overwritten by -o
     state_dict = None if factory else _bare_state_dict(model_path)
     if state_dict is not None:
         if input_shapes or inputs_file:
             raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
         report = remove_weight_norm(state_dict)
         _require_changes(report, model_path)
-        check_output_path(out_path, force=force, protect=[model_path])
-        save_state_dict(report.model, out_path, force=force, protect=[model_path])
+        check_output_path(out_path, force=force, protect=reads)
+        save_state_dict(report.model, out_path, force=force, protect=reads)
         form, out_form = "state_dict", "state_dict"
     else:
         model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
-        check_output_path(out_path, force=force, protect=[model_path])
+        check_output_path(out_path, force=force, protect=reads)
         report = remove_weight_norm(model, example_inputs=inputs.args if inputs else None)
         report.notes[:0] = notes + ([inputs.description] if inputs else [])
         _require_changes(report, model_path)
-        save_module(report.model, out_path, force=force, protect=[model_path])
+        save_module(report.model, out_path, force=force, protect=reads)
         out_form = "module"
     facts = {"model": f"{model_path} ({form})", "output": f"{out_path} ({out_form})"}
     emit(report, as_json=as_json, title="normsurgeon weightnorm remove", facts=facts,
@@ -141,9 +144,8 @@ def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
 def _load_with_inputs(path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
                       input_shapes: tuple[str, ...], inputs_file: Path | None) -> tuple[Any, str, list[str], Any]:
     from ..io.inputs import resolve_inputs
-    from ..io.loading import load_model
 
-    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_checked(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     _refuse_exported(loaded.form, path)
     inputs = None
     if input_shapes or inputs_file:

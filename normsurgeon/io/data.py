@@ -16,6 +16,8 @@ cumulative average weighs every batch equally).
 
 from __future__ import annotations
 
+import reprlib
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -25,6 +27,7 @@ from torch import nn
 
 from ..errors import LoadError, UsageError
 from ..trace import call_model
+from ..walk import check_nesting
 
 Batch = Union[tuple, dict]
 DATA_SUFFIXES = (".pt", ".pth", ".npz")
@@ -49,6 +52,7 @@ def load_batches(source: Any, *, trust_pickle: bool = False, batch_size: int | N
         batches = _from_folder(path, trust_pickle) if path.is_dir() else _from_file(path, trust_pickle)
         description = f"data from {path}"
     else:
+        check_nesting(source, "the data")
         batches = as_batches(source, "the data")
         description = "data given in Python"
     result = Batches(batches, description)
@@ -86,23 +90,115 @@ def _from_file(path: Path, trust_pickle: bool) -> list[Batch]:
         return [_from_npz(path)]
     from .loading import load_tensors
 
-    return as_batches(load_tensors(path, trust_pickle=trust_pickle), str(path))
+    loaded = load_tensors(path, trust_pickle=trust_pickle)
+    check_nesting(loaded, str(path))  # a cycle or absurd depth: one line; a DAG is fine (walks visit it once)
+    return as_batches(loaded, str(path))
 
 
 def _from_npz(path: Path) -> Batch:
     import numpy as np
 
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
-    except (ValueError, OSError) as exc:
-        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({exc}); save it with numpy.savez") from exc
+    except (ValueError, OSError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({reason}); save it with numpy.savez") from exc
+    except MemoryError as exc:
+        raise LoadError(f"{path}: its arrays need more memory than there is; pass a smaller .npz") from exc
     if not arrays:
         raise LoadError(f"{path}: the .npz holds no arrays; save the input arrays with numpy.savez")
     positional = [f"arr_{i}" for i in range(len(arrays))]
     if sorted(arrays) == sorted(positional):
         return tuple(arrays[name] for name in positional)
     return arrays
+
+
+# A .npz may inflate to this many times its own size, or to NPZ_MIN_BOUND bytes, whichever is more:
+# np.savez stores arrays as they are (ratio 1), savez_compressed shrinks real data a few times; a
+# file that would inflate beyond this is a zip bomb, refused before anything is inflated.
+NPZ_MAX_RATIO = 64
+NPZ_MIN_BOUND = 256 * 2**20
+
+
+def npz_bound(file_size: int) -> int:
+    """The most bytes the arrays of a ``file_size``-byte .npz may take once read."""
+    return max(NPZ_MIN_BOUND, NPZ_MAX_RATIO * file_size)
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse, before numpy reads anything, a .npz whose members or array headers claim more than it can hold.
+
+    The zip directory's inflated sizes must add up to at most :func:`npz_bound` of the file size,
+    and each ``.npy`` header's shape x itemsize must fit in its member (numpy allocates the
+    array from the header before reading it; zipfile stops inflating at the directory's size).
+    """
+    import math
+
+    import numpy as np
+
+    file_size = path.stat().st_size
+    bound = npz_bound(file_size)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = 0
+            for info in archive.infolist():
+                total += info.file_size
+                if total > bound:
+                    raise LoadError(
+                        f"{path}: member {info.filename} inflates to {_bytes(info.file_size)} "
+                        f"({_bytes(total)} so far), "
+                        f"more than the {_bytes(bound)} a {_bytes(file_size)} .npz may hold (a zip bomb?); "
+                        "save the arrays with numpy.savez (uncompressed)"
+                    )
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    shape, dtype = _npy_header(member)
+                if dtype.hasobject:
+                    continue  # np.load(allow_pickle=False) refuses it with its own message
+                claimed = math.prod(shape) * dtype.itemsize
+                if claimed > info.file_size:
+                    raise LoadError(
+                        f"{path}: array {info.filename[:-4]} claims shape {tuple(shape)} {dtype} = {_bytes(claimed)}, "
+                        f"but its member holds {_bytes(info.file_size)} (a hostile or corrupt file?); "
+                        "save the arrays with numpy.savez"
+                    )
+    except LoadError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError, NotImplementedError,
+            RuntimeError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({reason}); save it with numpy.savez") from exc
+
+
+def _npy_header(member: Any) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) from the header of a .npy stream, read with numpy's bounded header parser."""
+    from numpy.lib import format as npy_format
+
+    version = npy_format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = npy_format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = npy_format.read_array_header_2_0(member)
+    else:
+        try:  # version 3.0 (utf-8 field names): numpy's own reader, where it has one
+            from numpy.lib._format_impl import _read_array_header
+        except ImportError:
+            from numpy.lib.format import _read_array_header  # type: ignore[attr-defined,no-redef]
+        shape, _, dtype = _read_array_header(member, version)
+    return tuple(int(d) for d in shape), dtype
+
+
+def _bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'; 8796093022208 -> '8 TiB'."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{n} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{n} bytes"
 
 
 def _from_folder(path: Path, trust_pickle: bool) -> list[Batch]:
@@ -152,9 +248,44 @@ def _concatenate(batches: list[Batch]) -> Batch:
 def _cat(values: list[Any]) -> Any:
     if all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
         return torch.cat(values)
-    if all(v == values[0] for v in values):  # a non-tensor argument shared by every batch
+    if all(_same_value(v, values[0]) for v in values):  # a non-tensor argument shared by every batch
         return values[0]
     raise TypeError("non-tensor arguments differ between batches")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a == b`` for nested arguments, iteratively and each pair of containers once (a DAG stays linear)."""
+    pending, compared = [(a, b)], set()
+    while pending:
+        x, y = pending.pop()
+        if x is y:
+            continue
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)):
+                return False
+            continue
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                return False
+            if (id(x), id(y)) not in compared:
+                compared.add((id(x), id(y)))
+                pending.extend(zip(x, y))
+            continue
+        if isinstance(x, dict):
+            if list(x) != list(y):
+                return False
+            if (id(x), id(y)) not in compared:
+                compared.add((id(x), id(y)))
+                pending.extend((x[k], y[k]) for k in x)
+            continue
+        try:
+            if not bool(x == y):
+                return False
+        except Exception:
+            return False
+    return True
 
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
@@ -170,8 +301,10 @@ def describe_shapes(batch: Batch) -> str:
     """'(8, 3, 32, 32)' or 'input_ids (2, 16) int64, mask (2, 16)' for error messages."""
 
     def one(value: Any) -> str:
+        if isinstance(value, (list, tuple, dict)):  # not repr: a nested (or shared, or deep) structure has no end
+            return f"a {type(value).__name__} of {len(value)} items"
         if not isinstance(value, torch.Tensor):
-            return repr(value)
+            return reprlib.repr(value)
         dtype = "" if value.dtype == torch.float32 else f" {str(value.dtype).removeprefix('torch.')}"
         return f"{tuple(value.shape)}{dtype}"
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..walk import check_nesting
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -136,6 +137,8 @@ def resolve_inputs(
         from .loading import load_tensors
 
         loaded = load_tensors(inputs_file, trust_pickle=trust_pickle)
+        # A cycle or absurd depth is refused in one line; a DAG is fine: every later walk visits it once.
+        check_nesting(loaded, str(inputs_file))
         if isinstance(loaded, torch.Tensor):
             loaded = (loaded,)
         elif isinstance(loaded, list):

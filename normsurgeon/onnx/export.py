@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_map
 
 from ..errors import ExportError, LoadError
-from ..io.saving import write_atomically
+from ..io.saving import named_temp, write_atomically
 from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.weight_norm import remove_weight_norm, weight_norm_sites
 from ..report import Report
@@ -136,7 +136,7 @@ def export_onnx(
 
     def write(tmp: Path) -> None:
         program = _export(work, example_inputs, opset, dynamic_batch, verbose, report)
-        _save(program.model, tmp, path, force=force, protect=protect, report=report)
+        tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
         report.facts.update(describe_model(program.model))
         if not fold:
             _note_batchnorms_torch_folded(work, report)
@@ -292,25 +292,33 @@ def quiet(verbose: bool = False) -> Iterator[None]:
 
 def _save(
     model: ir.Model, tmp: Path, target: Path, *, force: bool, protect: Sequence[Path], report: Report
-) -> None:
-    """Write ``model`` to ``tmp``: weights inline, or in ``<target>.data`` when too big to inline."""
+) -> Path:
+    """Write ``model`` to ``tmp``: weights inline, or in ``<target>.data`` when too big to inline.
+
+    Returns the path the file is now at: ``tmp`` (an anonymous temp file, see
+    :func:`~normsurgeon.io.saving.write_atomically`), or, with external data, a named temp beside
+    the target (:func:`~normsurgeon.io.saving.named_temp`): the files are staged in a real directory
+    and renamed into place, and onnxruntime finds the data file beside the .onnx when it verifies it.
+    """
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weights <= INLINE_WEIGHTS_LIMIT:
         ir.save(model, tmp)
-        return
+        return tmp
     data = data_path(target)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
         staged = Path(staging) / target.name
         ir.save(model, staged, external_data=data.name)
 
         def move_data(data_tmp: Path) -> None:
-            os.replace(staged.with_name(data.name), data_tmp)
+            os.replace(staged.with_name(data.name), named_temp(data_tmp))
 
         write_atomically(data, move_data, force=force, protect=protect)
+        tmp = named_temp(tmp)
         os.replace(staged, tmp)
     report.facts["external_data_bytes"] = data.stat().st_size
     size = f"{weights / 2**30:.2f} GiB"
     report.notes.append(f"the weights ({size}) are in {data.name}, which must travel with {target.name}")
+    return tmp
 
 
 def data_path(target: Path) -> Path:

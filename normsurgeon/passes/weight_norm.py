@@ -37,6 +37,7 @@ from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.data import Batch, check_fits, load_batches, to_model
 from ..report import Change, Report, Skip, SkipReason
 from ..trace import Trace, call_model, trace
+from ..walk import module_graph, registrations
 from .mean_only_bn import replace_batchnorms
 from .recalibrate import eval_mode
 from .weight_norm_init import data_dependent_init
@@ -196,9 +197,8 @@ def _apply_all(model: nn.Module, types: tuple[type, ...], flow: Trace | None, re
 
 
 def _shared_ids(model: nn.Module) -> set[int]:
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    # How often named_parameters(remove_duplicate=False) would list each, without enumerating a module DAG's paths.
+    counts = registrations(module_graph(model))
     return {key for key, n in counts.items() if n > 1}
 
 

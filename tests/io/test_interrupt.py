@@ -5,7 +5,8 @@ In process, ``save_module`` (``write_atomically`` around ``torch.save``) is inte
 ``torch.save``, the fsync, the rename. (tests/io/test_saving.py interrupts a plain write callback.) Then a real
 SIGINT is sent to ``python -m normsurgeon fold`` on a model big enough (134 MB) that saving
 takes a while, at random times: after it started loading the model, and inside the window in
-which the temp file exists. No hook in normsurgeon makes this happen: the test watches the
+which the temp file exists (an anonymous O_TMPFILE the process holds open, or the fallback's named
+one). No hook in normsurgeon makes this happen: the test watches the
 process from outside (its open files in /proc, the temp file in the output folder).
 """
 
@@ -169,7 +170,16 @@ class Run:
             return False
 
     def writing(self) -> bool:
-        return any(name.startswith(f".{self.out.name}.") for name in os.listdir(self.out.parent))
+        """The temp file exists: an anonymous O_TMPFILE the process holds open in the output folder
+        (its fd reads as '<folder>/#<inode> (deleted)'), or the fallback's hidden named one."""
+        if any(name.startswith(f".{self.out.name}.") for name in os.listdir(self.out.parent)):
+            return True
+        try:
+            fds = os.listdir(f"/proc/{self.process.pid}/fd")
+            return any(os.readlink(f"/proc/{self.process.pid}/fd/{fd}").startswith(f"{self.out.parent}/#")
+                       for fd in fds)
+        except OSError:  # it ended, or closed that fd while we looked
+            return False
 
     def interrupt(self) -> None:
         if self.process.poll() is None:
