@@ -80,21 +80,6 @@ def output_options(func: Callable | None = None, *, default: str = "MODEL.out.pt
     return decorate(func) if func is not None else decorate
 
 
-def load_checked(path: Path, **options: Any) -> Any:
-    """``load_model``, then a one-line LoadError for a model no walk could finish.
-
-    A module graph with a cycle, with exponentially many paths (``Sequential(m, m)`` nested 60
-    deep is 17 KB) or nested deeper than torch's recursive walks go is refused here, in linear
-    time, before the command calls ``eval()``, reads its parameters or runs it.
-    """
-    from .io.loading import load_model
-    from .walk import refuse_unwalkable
-
-    loaded = load_model(path, **options)
-    refuse_unwalkable(loaded.model, path)
-    return loaded
-
-
 class _Tolerance(click.FloatRange):
     name = "float"  # shown as FLOAT [x>=0], not FLOAT RANGE
 

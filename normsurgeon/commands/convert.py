@@ -13,10 +13,10 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
-    load_checked,
     model_options,
     output_options,
 )
+from ..io.loading import load_model
 from ..errors import PreconditionError, UsageError
 from ..recognize import NormKind
 
@@ -60,7 +60,7 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
     source = NormKind.parse(from_, option="--from kind") if from_ else None
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: convert edits nn.Module layers, and a .pt2 ExportedProgram has none; "
                          "convert the module before torch.export")

@@ -13,12 +13,12 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
-    load_checked,
     model_options,
     output_options,
     report_options,
 )
 from ..io.inputs import resolve_inputs
+from ..io.loading import load_model
 from ..io.saving import check_output_path, files_read
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
@@ -60,7 +60,7 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.export import export_onnx
 
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     reads = files_read(model_path, inputs_file)  # never overwritten by -o
     out_path = check_output_path(output or model_path.with_suffix(".onnx"), force=force, protect=reads)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
@@ -96,7 +96,7 @@ def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.verify import verify_onnx
 
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = verify_onnx(loaded.model, onnx_path, inputs.args, providers=providers, atol=atol, rtol=rtol)
     report.notes[:0] = [*loaded.notes, inputs.description]

@@ -14,13 +14,12 @@ from ..cli import (
     emit,
     handle_errors,
     input_options,
-    load_checked,
     model_options,
     output_options,
 )
 from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.inputs import resolve_inputs
-from ..io.loading import LoadedModel
+from ..io.loading import LoadedModel, load_model
 from ..io.saving import (
     check_output_path,
     default_output_path,
@@ -68,7 +67,7 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
       normsurgeon fold model.pt --inputs batch.pt --json
       normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
     """
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     reads = files_read(model_path, inputs_file)  # never overwritten by -o
     out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=reads)
     if loaded.form == "exported_program":

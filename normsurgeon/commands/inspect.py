@@ -8,7 +8,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import handle_errors, input_options, load_checked, model_options, report_options
+from ..cli import handle_errors, input_options, model_options, report_options
+from ..io.loading import load_model
 from ..errors import UsageError
 
 
@@ -30,7 +31,7 @@ def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     from ..passes.inspect import inspect_norms
     from ..render import render_json
 
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram has no norm modules to inspect; inspect the nn.Module "
                          "before torch.export")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, load_checked, model_options, output_options
+from ..cli import emit, handle_errors, model_options, output_options
+from ..io.loading import load_model
 from ..errors import UsageError
 
 
@@ -45,7 +46,7 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
     )
     from ..passes.recalibrate import recalibrate as run_recalibration
 
-    loaded = load_checked(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
     reads = files_read(model_path, data_path)  # never overwritten by -o (a --data folder: every file in it)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import torch
 
-from ..cli import emit, handle_errors, input_options, load_checked, model_options, output_options
+from ..cli import emit, handle_errors, input_options, model_options, output_options
 from ..errors import LoadError, PreconditionError, UsageError
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
@@ -144,8 +144,9 @@ def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
 def _load_with_inputs(path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
                       input_shapes: tuple[str, ...], inputs_file: Path | None) -> tuple[Any, str, list[str], Any]:
     from ..io.inputs import resolve_inputs
+    from ..io.loading import load_model
 
-    loaded = load_checked(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     _refuse_exported(loaded.form, path)
     inputs = None
     if input_shapes or inputs_file:

@@ -136,8 +136,6 @@ def _check_npz_sizes(path: Path) -> None:
     """
     import math
 
-    import numpy as np
-
     file_size = path.stat().st_size
     bound = npz_bound(file_size)
     try:

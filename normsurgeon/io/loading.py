@@ -16,10 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
-import pickle
 import re
-import sys
 import types
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +44,7 @@ from . import strict_unpickler
 from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
 from .pt2_safety import check_pt2_archive
 from .verdict import installed_packages_first
+from ..walk import refuse_unwalkable
 
 __all__ = ["TRUST_FLAG", "LoadedModel", "import_callable", "load_model", "load_tensors", "scan_pickle_globals"]
 
@@ -80,8 +78,15 @@ def load_model(
     The file is checked before torch reads it, so an untrusted checkpoint cannot run code
     unless ``trust_pickle`` is set. ``import_paths`` (and the cwd) are put on sys.path while
     loading, after the installed packages, so the model's own classes and the factory can be imported.
+    A model whose module graph no walk could finish (a cycle, ``Sequential(m, m)`` nested 60 deep)
+    is refused in linear time, before anything calls ``eval()`` on it or runs it.
     """
-    path = Path(path)
+    loaded = _load(Path(path), factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    refuse_unwalkable(loaded.model, loaded.source)
+    return loaded
+
+
+def _load(path: Path, *, factory: str | None, trust_pickle: bool, import_paths: Sequence[str | Path]) -> LoadedModel:
     folder = pretrained_dir_of(path) if path.exists() else None
     if folder is not None and factory is None:
         return LoadedModel(model=load_pretrained_dir(folder), source=folder, form="pretrained_dir")

@@ -31,7 +31,7 @@ from typing import IO, Any
 from normsurgeon.errors import LoadError, UnsafePickleError
 
 from .strict_unpickler import Policy
-from .verdict import Verdict, classify, display, statically_a_model
+from .verdict import Verdict, classify, statically_a_model
 
 __all__ = ["Verdict", "classify", "check_pickle", "scan_pickle_globals", "refusal", "raise_for_missing"]
 
