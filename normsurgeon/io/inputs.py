@@ -101,7 +101,11 @@ def to_model_dtype_and_device(inputs: tuple | dict, model: nn.Module) -> tuple |
 
 
 def infer_inputs(model: nn.Module) -> ExampleInputs:
-    """Inputs for models whose first layer leaves no doubt; a UsageError asking for them otherwise."""
+    """Inputs from the model's own config (transformers, timm), or from a first layer that leaves no
+    doubt; a UsageError asking for them otherwise."""
+    from_config = inputs_from_config(model)
+    if from_config is not None:
+        return from_config
     first = next((m for m in model.modules() if next(m.children(), None) is None and any(True for _ in m.parameters(recurse=False))), None)
     if isinstance(first, nn.Conv2d) and not isinstance(first, nn.LazyConv2d):
         shape = (1, first.in_channels, _INFERRED_IMAGE_SIZE, _INFERRED_IMAGE_SIZE)
@@ -151,3 +155,60 @@ def resolve_inputs(
         described = "; ".join(",".join(map(str, s.shape)) + f":{str(s.dtype).removeprefix('torch.')}" for s in specs)
         return ExampleInputs(to_model_dtype_and_device(make_inputs(specs, model, seed=seed), model), f"random inputs {described}")
     return infer_inputs(model)
+
+
+_TEXT_LENGTH = 16
+_DECODER_LENGTH = 8
+
+
+def inputs_from_config(model: nn.Module) -> ExampleInputs | None:
+    """What a transformers model (``config`` + ``main_input_name``) or a timm model (``pretrained_cfg``) takes.
+
+    Token ids for text (and decoder ids for an encoder-decoder), pixel values at the config's image
+    size, raw audio or mel features for speech; one sample, random values, in the model's dtype.
+    """
+    config, main = getattr(model, "config", None), getattr(model, "main_input_name", None)
+    if config is not None and isinstance(main, str):
+        built = _transformers_inputs(model, config, main)
+        if built is not None:
+            args, what = built
+            return ExampleInputs(to_model_dtype_and_device(args, model), f"inferred from the model's config: {what}; "
+                                 "pass --input-shape or --inputs to choose")
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size):
+        shape = (1, *size)
+        return ExampleInputs(to_model_dtype_and_device(make_inputs([InputSpec(shape)]), model),
+                             f"inferred from timm's pretrained_cfg: one image of shape {','.join(map(str, shape))}; "
+                             "pass --input-shape to choose")
+    return None
+
+
+def _transformers_inputs(model: nn.Module, config: object, main: str) -> tuple[dict, str] | None:
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = _smallest_vocabulary(model)
+
+    def ids(length: int) -> torch.Tensor:
+        return torch.randint(0, vocabulary, (1, length), generator=generator)
+
+    if main == "input_ids":
+        args = {"input_ids": ids(_TEXT_LENGTH)}
+        what = f"token ids 1x{_TEXT_LENGTH}"
+    elif main == "pixel_values":
+        side = getattr(config, "image_size", _INFERRED_IMAGE_SIZE)
+        height, width = (side, side) if isinstance(side, int) else tuple(side)[:2]
+        channels = getattr(config, "num_channels", 3)
+        args = {"pixel_values": torch.randn(1, channels, height, width, generator=generator)}
+        what = f"pixel values 1x{channels}x{height}x{width}"
+    elif main == "input_values":
+        args = {"input_values": torch.randn(1, 16000, generator=generator)}
+        what = "one second of 16 kHz audio"
+    elif main == "input_features":
+        bins, frames = getattr(config, "num_mel_bins", 80), 2 * getattr(config, "max_source_positions", 1500)
+        args = {"input_features": torch.randn(1, bins, frames, generator=generator)}
+        what = f"mel features 1x{bins}x{frames}"
+    else:
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        args["decoder_input_ids"] = ids(_DECODER_LENGTH)
+        what += f" and decoder ids 1x{_DECODER_LENGTH}"
+    return args, what

@@ -58,8 +58,17 @@ _NO_HARD_LINKS = frozenset(e for e in (errno.EPERM, errno.EOPNOTSUPP, getattr(er
 
 
 def default_output_path(input_path: Path, tag: str, suffix: str | None = None) -> Path:
-    """``model.pt`` -> ``model.folded.pt`` for tag "folded"; ``suffix`` (".onnx") replaces ".pt"."""
+    """``model.pt`` -> ``model.folded.pt`` for tag "folded"; ``suffix`` (".onnx") replaces ".pt".
+
+    A Hugging Face save_pretrained directory (given as the folder, its config.json or its
+    weights) gives ``<folder>.folded.pt`` beside the folder.
+    """
+    from .huggingface import pretrained_dir_of
+
     input_path = Path(input_path)
+    folder = pretrained_dir_of(input_path) if input_path.exists() else None
+    if folder is not None:
+        input_path, suffix = folder.with_name(folder.name + ".pt"), suffix or ".pt"
     if suffix is None:
         suffix = input_path.suffix
     elif suffix and not suffix.startswith("."):

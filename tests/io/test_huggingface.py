@@ -157,3 +157,30 @@ def test_a_safetensors_file_with_a_factory(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as info:
         load_model(tmp_path / "weights.safetensors")
     assert "--factory" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "resnet"])
+def test_cli_on_a_directory_needs_no_other_flag(name: str, saved: dict, tmp_path: Path) -> None:
+    """Inputs come from the config (token ids, pixel values) and the output lands beside the folder."""
+    from click.testing import CliRunner
+
+    import normsurgeon.cli
+
+    folder, _, _ = saved[name]
+    out = tmp_path / "out.pt"
+    runner = CliRunner()
+    inspected = runner.invoke(normsurgeon.cli.main, ["inspect", str(folder)], env={"COLUMNS": "200"})
+    folded = runner.invoke(normsurgeon.cli.main, ["fold", str(folder), "-o", str(out), "--json"])
+
+    assert inspected.exit_code == 0, inspected.stderr
+    assert folded.exit_code == 0, folded.stderr
+    notes = json.loads(folded.stdout)["notes"]
+    assert any("inferred from the model's config" in n for n in notes) and out.exists()
+
+
+def test_default_output_of_a_directory_is_a_file_beside_it(saved: dict) -> None:
+    from normsurgeon.io.saving import default_output_path
+
+    folder, _, _ = saved["bert"]
+    assert default_output_path(folder / "config.json", "folded") == folder.with_name(folder.name + ".folded.pt")
+    assert default_output_path(folder, "opt", ".onnx") == folder.with_name(folder.name + ".opt.onnx")
