@@ -211,4 +211,16 @@ def _transformers_inputs(model: nn.Module, config: object, main: str) -> tuple[d
     if getattr(config, "is_encoder_decoder", False):
         args["decoder_input_ids"] = ids(_DECODER_LENGTH)
         what += f" and decoder ids 1x{_DECODER_LENGTH}"
+    if _accepts(model, "use_cache"):  # the no-cache forward: a KV cache is no tensor (and no ONNX output)
+        args["use_cache"] = False
+        what += ", use_cache=False"
     return args, what
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False

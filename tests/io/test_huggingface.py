@@ -184,3 +184,18 @@ def test_default_output_of_a_directory_is_a_file_beside_it(saved: dict) -> None:
     folder, _, _ = saved["bert"]
     assert default_output_path(folder / "config.json", "folded") == folder.with_name(folder.name + ".folded.pt")
     assert default_output_path(folder, "opt", ".onnx") == folder.with_name(folder.name + ".opt.onnx")
+
+
+@pytest.mark.slow
+def test_a_causal_lm_directory_exports_its_no_cache_forward_without_flags(saved: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    import normsurgeon.cli
+
+    folder, _, _ = saved["llama"]
+    result = CliRunner().invoke(normsurgeon.cli.main, ["export", str(folder), "-o", str(tmp_path / "llama.onnx"),
+                                                       "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert any("use_cache=False" in n for n in report["notes"]) and report["passed"]
