@@ -21,9 +21,8 @@ from rich.console import Console
 
 from . import _cli_import_interruptible
 from .errors import LoadError, NormSurgeonError
-from .render import print_report, render_json
+from .render import print_report, render_json, report_console
 
-_stdout = Console(highlight=False, soft_wrap=True)
 _stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -250,7 +249,7 @@ def emit(report: Any, *, as_json: bool, title: str, facts: dict[str, str], extra
     if as_json:
         click.echo(render_json({**report.to_dict(), **extra}))
     else:
-        print_report(report, _stdout, title=title, facts=facts)
+        print_report(report, report_console(highlight=False, soft_wrap=True), title=title, facts=facts)
     if not report.passed:
         _stderr.print(f"error: {failed_check_message(report)}", markup=False)
         sys.exit(6)

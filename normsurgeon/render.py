@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from .report import Check, Report
+
+
+_PIPED_WIDTH = 400  # wide enough that no module path is cut; a table is only as wide as its content
+
+
+def report_console(**options: Any) -> Console:
+    """A console for reports: the terminal's width on a terminal (or $COLUMNS), wide when piped.
+
+    Piped to a file, rich would assume 80 columns and cut module paths to ``resnet.encod…``;
+    paths must stay whole where a program or a person greps them.
+    """
+    console = Console(**options)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = _PIPED_WIDTH
+    return console
 
 
 def render_json(payload: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     """
     from ..io.inputs import resolve_inputs
     from ..passes.inspect import inspect_norms
-    from ..render import render_json
+    from ..render import render_json, report_console
 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
     if loaded.form == "exported_program":
@@ -41,7 +41,7 @@ def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     if as_json:
         click.echo(render_json({**report.to_dict(), "model": str(model_path)}))
     else:
-        print_inspect(report, Console(highlight=False, soft_wrap=False), title=f"normsurgeon inspect {model_path}")
+        print_inspect(report, report_console(highlight=False, soft_wrap=False), title=f"normsurgeon inspect {model_path}")
 
 
 def print_inspect(report, console: Console, *, title: str) -> None:
