@@ -76,7 +76,10 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     report = convert_norms(model, inputs.args, to=target if target is not None else "native", from_=source,
                            only=only, approximate=approximate, atol=atol, rtol=rtol)
     if not report.changes:
-        raise PreconditionError(nothing_converted(report))
+        if report.skipped or _inexact_notes(report):
+            raise PreconditionError(nothing_converted(report))
+        notes.append(f"every selected norm is already {report.facts.get('to')}: nothing to convert, the output is "
+                     "the same model")
     report.notes[:0] = [*notes, inputs.description]
     save_module(report.model, out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
@@ -84,10 +87,14 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     emit(report, as_json=as_json, title="normsurgeon convert", facts=facts, extra={"output": str(out_path)})
 
 
+def _inexact_notes(report) -> list[str]:
+    return [n for n in report.notes if "not converted exactly" in n or "cannot be exact" in n]
+
+
 def nothing_converted(report) -> str:
     """The one-line error when no norm was converted: the first reasons, so the user sees why."""
     reasons = [f"{s.module}: {s.message}" for s in report.skipped[:3]]
-    reasons += [n for n in report.notes if "not converted exactly" in n or "cannot be exact" in n][:2]
+    reasons += _inexact_notes(report)[:2]
     more = f" (and {len(report.skipped) - 3} more)" if len(report.skipped) > 3 else ""
     why = "; ".join(reasons) + more if reasons else f"every selected norm is already {report.facts.get('to')}"
     return f"nothing was converted to {report.facts.get('to')}: {why}"

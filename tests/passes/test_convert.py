@@ -286,3 +286,21 @@ def test_training_mode_and_inplace_false():
     model = models.build("llama")
     report = convert_norms(model, models.example_inputs("llama", 1), to="native", inplace=False)
     assert type(model.norm).__name__ == "LlamaRMSNorm" and isinstance(report.model.norm, nn.RMSNorm)
+
+
+def test_cli_convert_with_everything_already_native_exits_0_with_a_note(tmp_path) -> None:
+    """Like fold with nothing to fold: not an error, and the note says why nothing changed."""
+    import json
+
+    from click.testing import CliRunner
+
+    import normsurgeon.cli
+
+    path = tmp_path / "native.pt"
+    torch.save(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).eval(), path)
+
+    result = CliRunner().invoke(normsurgeon.cli.main, ["convert", str(path), "--to", "native", "--input-shape", "2,8",
+                                                       "-o", str(tmp_path / "out.pt"), "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    assert any("already" in n and "nothing to convert" in n for n in json.loads(result.stdout)["notes"])
