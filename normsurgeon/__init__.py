@@ -51,6 +51,9 @@ with _cli_import_interruptible():
     from .recognize import NormKind, recognize_norms
     from .report import Change, Check, Report, Skip, SkipReason
     from .trace import trace
+    from .torchvision_compat import declare_missing_torchvision_ops
+
+    declare_missing_torchvision_ops()  # before transformers or timm import a torchvision that cannot load
 
 fold = fold_batchnorm
 

@@ -30,7 +30,7 @@ def model_options(func: Callable) -> Callable:
     """MODEL argument plus the options that say how to load it."""
     decorators = [
         # No exists/dir_okay checks here: the loader explains a missing file or a folder in one line (exit 3).
-        click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),
+        click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path)),  # a file, a folder or timm:NAME
         click.option("--factory", metavar="MODULE:CALLABLE",
                      help="The function that builds the architecture when MODEL is a state_dict, e.g. "
                           "mypkg.nets:resnet50; the weights must fit it exactly."),
@@ -41,6 +41,13 @@ def model_options(func: Callable) -> Callable:
                      help="Load pickles that reference more than torch types and nn.Module classes. Runs code from the file: only for files you trust."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
+
+
+def weights_option(func: Callable) -> Callable:
+    """--weights: the weights file of a MODEL given as timm:NAME."""
+    return click.option("--weights", type=click.Path(path_type=Path), metavar="FILE",
+                        help="With MODEL timm:NAME: the weights (safetensors, or a state_dict saved with torch.save, "
+                             "read tensors-only). Nothing is downloaded.")(func)
 
 
 def input_options(func: Callable) -> Callable:

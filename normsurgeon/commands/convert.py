@@ -15,6 +15,7 @@ from ..cli import (
     input_options,
     model_options,
     output_options,
+    weights_option,
 )
 from ..io.loading import load_model
 from ..errors import PreconditionError, UsageError
@@ -25,6 +26,7 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
 
 @click.command(short_help="Convert norm layers to another kind (exact, or --approximate).")
 @model_options
+@weights_option
 @input_options
 @output_options(default="MODEL.converted.pt beside MODEL")
 @click.option("--to", "to", required=True, metavar="KIND",
@@ -38,6 +40,7 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
 @click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @handle_errors
 def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+            weights: Path | None,
             input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
             as_json: bool, verbose: bool, to: str, from_: str | None, only: str | None, approximate: bool,
             set_eval: bool, atol: float | None, rtol: float | None) -> None:
@@ -60,11 +63,12 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
     source = NormKind.parse(from_, option="--from kind") if from_ else None
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: convert edits nn.Module layers, and a .pt2 ExportedProgram has none; "
                          "convert the module before torch.export")
-    reads = files_read(model_path, inputs_file)  # never overwritten by -o
+    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
     out_path = check_output_path(output or default_output_path(model_path, "converted"), force=force, protect=reads)
     model, notes = loaded.model, list(loaded.notes)
     if model.training:

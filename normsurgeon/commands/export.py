@@ -16,10 +16,11 @@ from ..cli import (
     model_options,
     output_options,
     report_options,
+    weights_option,
 )
 from ..io.inputs import resolve_inputs
 from ..io.loading import load_model
-from ..io.saving import check_output_path, files_read
+from ..io.saving import check_output_path, default_output_path, files_read
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
                          show_default=True,
@@ -31,6 +32,7 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 
 @click.command(short_help="Fold, export to ONNX and verify it in onnxruntime.")
 @model_options
+@weights_option
 @input_options
 @output_options(default="MODEL.onnx beside MODEL, e.g. model.pt -> model.onnx")
 @click.option("--no-fold", is_flag=True, help="Export without folding BatchNorm first (torch.onnx's optimizer "
@@ -45,6 +47,7 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @_RTOL
 @handle_errors
 def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+           weights: Path | None,
            input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
            as_json: bool, verbose: bool, no_fold: bool, opset: int | None, dynamic_batch: bool, providers: str,
            atol: float | None, rtol: float | None) -> None:
@@ -60,9 +63,10 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.export import export_onnx
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    reads = files_read(model_path, inputs_file)  # never overwritten by -o
-    out_path = check_output_path(output or model_path.with_suffix(".onnx"), force=force, protect=reads)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
+    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
+    out_path = check_output_path(output or onnx_path_for(model_path), force=force, protect=reads)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
                          dynamic_batch=dynamic_batch, providers=providers, atol=atol, rtol=rtol, force=force,
@@ -74,6 +78,7 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
 
 @click.command(short_help="Compare MODEL with MODEL.onnx in onnxruntime, output by output.")
 @model_options
+@weights_option
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @input_options
 @_PROVIDER
@@ -82,6 +87,7 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
 @report_options
 @handle_errors
 def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+           weights: Path | None,
            onnx_path: Path, input_shapes: tuple[str, ...], inputs_file: Path | None, providers: str,
            atol: float | None, rtol: float | None, as_json: bool, verbose: bool) -> None:
     """Compare MODEL (torch) with MODEL.onnx (onnxruntime) on the same inputs, output by output.
@@ -96,9 +102,16 @@ def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.verify import verify_onnx
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = verify_onnx(loaded.model, onnx_path, inputs.args, providers=providers, atol=atol, rtol=rtol)
     report.notes[:0] = [*loaded.notes, inputs.description]
     facts = {"model": f"{model_path} ({loaded.form})", "onnx": str(onnx_path)}
     emit(report, as_json=as_json, title="normsurgeon verify", facts=facts, extra={"onnx": str(onnx_path)})
+
+
+def onnx_path_for(model_path: Path) -> Path:
+    """model.pt -> model.onnx; a save_pretrained folder -> folder.onnx beside it; timm:NAME -> NAME.onnx."""
+    default = default_output_path(model_path, "x", ".onnx")
+    return default.with_name(default.name.replace(".x.onnx", ".onnx"))

@@ -16,6 +16,7 @@ from ..cli import (
     input_options,
     model_options,
     output_options,
+    weights_option,
 )
 from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.inputs import resolve_inputs
@@ -35,6 +36,7 @@ from ..report import Report
 
 @click.command(short_help="Fold BatchNorm into neighbouring conv/linear layers.")
 @model_options
+@weights_option
 @input_options
 @output_options(default="MODEL.folded.pt beside MODEL")
 @click.option("--eval", "set_eval", is_flag=True,
@@ -50,6 +52,7 @@ from ..report import Report
 @click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @handle_errors
 def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+         weights: Path | None,
          input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
          as_json: bool, verbose: bool, set_eval: bool, to_affine: bool, affine: bool, allow_default_stats: bool,
          atol: float | None, rtol: float | None) -> None:
@@ -67,8 +70,9 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
       normsurgeon fold model.pt --inputs batch.pt --json
       normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
     """
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    reads = files_read(model_path, inputs_file)  # never overwritten by -o
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
+    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
     out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=reads)
     if loaded.form == "exported_program":
         if affine:

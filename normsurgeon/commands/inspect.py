@@ -8,17 +8,19 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import handle_errors, input_options, model_options, report_options
+from ..cli import handle_errors, input_options, model_options, report_options, weights_option
 from ..io.loading import load_model
 from ..errors import UsageError
 
 
 @click.command(short_help="List norm layers, what can be done with them, and hazards.")
 @model_options
+@weights_option
 @input_options
 @report_options
 @handle_errors
 def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+            weights: Path | None,
             input_shapes: tuple[str, ...], inputs_file: Path | None, as_json: bool, verbose: bool) -> None:
     """List every norm layer: kind, eps, affine, where it sits, what can be folded or converted
     (and why not), and hazards. Norms are recognised by what they compute, not by class name.
@@ -31,7 +33,8 @@ def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     from ..passes.inspect import inspect_norms
     from ..render import render_json, report_console
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram has no norm modules to inspect; inspect the nn.Module "
                          "before torch.export")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, model_options, output_options
+from ..cli import emit, handle_errors, model_options, output_options, weights_option
 from ..io.loading import load_model
 from ..errors import UsageError
 
 
 @click.command(short_help="Recompute BatchNorm running statistics from data.")
 @model_options
+@weights_option
 @output_options(default="MODEL.recalibrated.pt beside MODEL")
 @click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), metavar="FILE|DIR",
               help="Calibration batches: a .pt (tensor, tuple, list of batches, dict) or .npz file, or a folder of them.")
@@ -23,6 +24,7 @@ from ..errors import UsageError
               help="Re-batch the data into batches of B samples first.")
 @handle_errors
 def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
+                weights: Path | None,
                 output: Path | None, force: bool, as_json: bool, verbose: bool, data_path: Path,
                 batches: int | None, batch_size: int | None) -> None:
     """Reset and re-estimate every BatchNorm's running mean/var from --data.
@@ -46,10 +48,11 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
     )
     from ..passes.recalibrate import recalibrate as run_recalibration
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
+                        weights=weights)
     if loaded.form == "exported_program":
         raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
-    reads = files_read(model_path, data_path)  # never overwritten by -o (a --data folder: every file in it)
+    reads = files_read(model_path, weights, data_path)  # never overwritten by -o (a --data folder: every file in it)
     out_path = check_output_path(output or default_output_path(model_path, "recalibrated"), force=force, protect=reads)
     # A progress bar only on a terminal: elsewhere it leaves a blank line on stderr.
     report = run_recalibration(loaded.model, data_path, batches=batches, batch_size=batch_size,

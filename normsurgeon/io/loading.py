@@ -43,12 +43,14 @@ from .pickle_safety import (
 from . import strict_unpickler
 from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
 from .pt2_safety import check_pt2_archive
+from .timm_models import is_timm_spec, load_timm
 from .verdict import installed_packages_first
 from ..walk import refuse_unwalkable
 
 __all__ = ["TRUST_FLAG", "LoadedModel", "import_callable", "load_model", "load_tensors", "scan_pickle_globals"]
 
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+_WEIGHT_FORMS = "expected weights saved with safetensors or torch.save(model.state_dict())"
 
 
 @dataclass
@@ -57,7 +59,7 @@ class LoadedModel:
 
     model: nn.Module  # for .pt2: exported_program.module()
     source: Path
-    form: Literal["module", "state_dict+factory", "exported_program", "pretrained_dir"]
+    form: Literal["module", "state_dict+factory", "exported_program", "pretrained_dir", "timm"]
     exported_program: torch.export.ExportedProgram | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "loaded with --trust-pickle"
 
@@ -71,9 +73,10 @@ def load_model(
     factory: str | None = None,
     trust_pickle: bool = False,
     import_paths: Sequence[str | Path] = (),
+    weights: str | Path | None = None,
 ) -> LoadedModel:
     """Load a pickled module, a state_dict (``.pt`` or safetensors) plus ``factory``, a ``.pt2``
-    exported program, or a Hugging Face ``save_pretrained`` directory.
+    exported program, a Hugging Face ``save_pretrained`` directory, or ``timm:NAME`` with ``weights``.
 
     The file is checked before torch reads it, so an untrusted checkpoint cannot run code
     unless ``trust_pickle`` is set. ``import_paths`` (and the cwd) are put on sys.path while
@@ -81,9 +84,29 @@ def load_model(
     A model whose module graph no walk could finish (a cycle, ``Sequential(m, m)`` nested 60 deep)
     is refused in linear time, before anything calls ``eval()`` on it or runs it.
     """
-    loaded = _load(Path(path), factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
-    refuse_unwalkable(loaded.model, loaded.source)
+    if is_timm_spec(path):
+        model, notes = load_timm(str(path), Path(weights) if weights is not None else None)
+        loaded = LoadedModel(model=model, source=Path(weights or str(path)[len("timm:"):]), form="timm", notes=notes)
+    else:
+        if weights is not None:
+            raise UsageError("--weights goes with MODEL timm:NAME; for a state_dict file use MODEL FILE --factory")
+        loaded = _load(Path(path), factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    try:
+        refuse_unwalkable(loaded.model, loaded.source)
+    except (AttributeError, TypeError) as exc:  # a module whose pickled state lacks what nn.Module needs
+        raise LoadError(f"{loaded.source}: holds an incomplete module ({one_line(exc, 100)}); re-save the model") from exc
     return loaded
+
+
+def load_state_dict_file(path: str | Path) -> Mapping[str, Any]:
+    """A state_dict from safetensors or a weights-only torch.save file (a checkpoint dict's usual keys too)."""
+    path = Path(path)
+    check_file(path, expected=_WEIGHT_FORMS)
+    obj = load_safetensors(path) if is_safetensors(path) else _torch_load(path, trust_pickle=False, allow_classes=False)
+    state_dict = _find_state_dict(obj)
+    if state_dict is None:
+        raise LoadError(f"{path}: holds {_describe(obj)}, not a state_dict; {_WEIGHT_FORMS}")
+    return state_dict
 
 
 def _load(path: Path, *, factory: str | None, trust_pickle: bool, import_paths: Sequence[str | Path]) -> LoadedModel:
@@ -310,7 +333,7 @@ def _interpret(
             "module:callable that builds the model"
         )
     model = _build_with_factory(factory, import_paths)
-    _load_strict(model, state_dict, path, factory)
+    load_strict(model, state_dict, path, f"--factory {factory}")
     return model, "state_dict+factory"
 
 
@@ -349,7 +372,7 @@ def _build_with_factory(factory: str, import_paths: Sequence[str | Path]) -> nn.
     return model
 
 
-def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, factory: str) -> None:
+def load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, built_by: str) -> None:
     """load_state_dict(strict=True), with mismatches explained in one line.
 
     torch's own load runs first: modules may convert old key layouts on load (weight norm's
@@ -371,7 +394,7 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, fa
         detail = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip()) or str(error)
         hint = "pass the factory that built this checkpoint"
     raise LoadError(
-        f"{path}: state_dict does not fit the model from --factory {factory}: {one_line(detail, 200)}; {hint}"
+        f"{path}: state_dict does not fit the model from {built_by}: {one_line(detail, 200)}; {hint}"
     ) from error
 
 

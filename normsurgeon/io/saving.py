@@ -61,10 +61,13 @@ def default_output_path(input_path: Path, tag: str, suffix: str | None = None) -
     """``model.pt`` -> ``model.folded.pt`` for tag "folded"; ``suffix`` (".onnx") replaces ".pt".
 
     A Hugging Face save_pretrained directory (given as the folder, its config.json or its
-    weights) gives ``<folder>.folded.pt`` beside the folder.
+    weights) gives ``<folder>.folded.pt`` beside the folder; ``timm:NAME`` gives ``NAME.folded.pt``.
     """
     from .huggingface import pretrained_dir_of
+    from .timm_models import PREFIX, is_timm_spec
 
+    if is_timm_spec(input_path):  # timm:NAME -> NAME.folded.pt in the current directory
+        input_path, suffix = Path(str(input_path)[len(PREFIX):] + ".pt"), suffix or ".pt"
     input_path = Path(input_path)
     folder = pretrained_dir_of(input_path) if input_path.exists() else None
     if folder is not None:

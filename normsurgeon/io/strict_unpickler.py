@@ -301,6 +301,7 @@ def build_object(inst: Any, state: Any, policy: Policy) -> None:
         _restore_plain(inst, state)
     elif _is_torch_nn_code(vars(setstate)["__setstate__"]):
         setstate.__setstate__(inst, state)  # type: ignore[attr-defined]
+        _require_module_state(inst)
     elif setstate is functools.partial:
         _partial_setstate(inst, state, policy)
     elif _is_kernel_func_class(setstate):
@@ -317,6 +318,18 @@ def _is_torch_nn_code(function: Any) -> bool:
     """True for a function written in torch/nn (nn.Module.__setstate__ and torch.nn layers' own)."""
     filename = getattr(getattr(function, "__code__", None), "co_filename", "")
     return os.path.abspath(filename).startswith(_TORCH_NN_DIR)
+
+
+_MODULE_STATE = ("_parameters", "_buffers", "_modules")
+
+
+def _require_module_state(inst: Any) -> None:
+    """A corrupt file can restore an nn.Module without the dicts every walk over it reads."""
+    if isinstance(inst, nn.Module):
+        own = object.__getattribute__(inst, "__dict__")
+        missing = [name for name in _MODULE_STATE if not isinstance(own.get(name), dict)]
+        if missing:
+            raise pickle.UnpicklingError(f"{_name_of(type(inst))} is restored without {', '.join(missing)}")
 
 
 def _restore_plain(inst: Any, state: Any) -> None:

@@ -41,10 +41,17 @@ def mutate(data: bytes, edits: list[tuple[str, float, int]]) -> bytes:
     return data
 
 
+class Originals(dict):
+    """The valid files, by format (a short repr: hypothesis prints its arguments on failure)."""
+
+    def __repr__(self) -> str:
+        return f"Originals({', '.join(self)})"
+
+
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def originals(tmp_path_factory: pytest.TempPathFactory) -> Originals:
     folder = tmp_path_factory.mktemp("originals")
-    files = {}
+    files = Originals()
     for name, zip_format in (("zip", True), ("legacy", False)):
         torch.save(MODEL, folder / name, _use_new_zipfile_serialization=zip_format)
         files[name] = (folder / name).read_bytes()
