@@ -19,8 +19,14 @@ from ..cli import (
     weights_option,
 )
 from ..errors import PreconditionError, UsageError, VerificationError
-from ..io.inputs import resolve_inputs
+from ..io.inputs import ExampleInputs, resolve_inputs
 from ..io.loading import LoadedModel, load_model
+from ..io.pretrained_output import (
+    DoesNotRoundTrip,
+    check_directory_target,
+    save_pretrained_checked,
+    wants_directory,
+)
 from ..io.saving import (
     check_output_path,
     default_output_path,
@@ -38,7 +44,7 @@ from ..report import Report
 @model_options
 @weights_option
 @input_options
-@output_options(default="MODEL.folded.pt beside MODEL")
+@output_options(default="MODEL.folded.pt beside MODEL; a save_pretrained folder gives FOLDER.folded/ where it reloads the same")
 @click.option("--eval", "set_eval", is_flag=True,
               help="Put a model saved in training mode into eval mode first (folding computes its test-time behaviour).")
 @click.option("--to-affine", is_flag=True,
@@ -73,16 +79,26 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
                         weights=weights)
     reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
-    out_path = check_output_path(output or default_output_path(model_path, "folded"), force=force, protect=reads)
+    default = default_output_path(model_path, "folded")
+    as_directory = wants_directory(output, loaded.form)
+    if as_directory:  # a save_pretrained model goes back as a directory where it reloads the same
+        out_dir = output or default.with_suffix("")
+        check_directory_target(out_dir, force=force, protect=reads)
+    else:
+        out_path = check_output_path(output or default, force=force, protect=reads)
     if loaded.form == "exported_program":
         if affine:
             raise UsageError(f"{model_path}: --affine needs an nn.Module; a .pt2 ExportedProgram has no layers to edit")
         report = _fold_exported(loaded, input_shapes, inputs_file, trust_pickle, atol, rtol)
         write_atomically(out_path, lambda tmp: torch.export.save(report.model, tmp), force=force, protect=reads)
     else:
-        report = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
-                              affine, allow_default_stats, atol, rtol)
-        save_module(report.model, out_path, force=force, protect=reads)
+        report, inputs = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
+                                      affine, allow_default_stats, atol, rtol)
+        if as_directory:
+            out_path = _save_directory(report, inputs, out_dir, default, explicit=output is not None, force=force,
+                                       protect=reads)
+        else:
+            save_module(report.model, out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
     if affine:
@@ -92,7 +108,7 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
 
 def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None, trust_pickle: bool,
                  set_eval: bool, to_affine: bool, affine: bool, allow_default_stats: bool, atol: float | None,
-                 rtol: float | None) -> Report:
+                 rtol: float | None) -> tuple[Report, ExampleInputs]:
     model = loaded.model
     notes = list(loaded.notes)
     if model.training:
@@ -112,7 +128,22 @@ def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file
         report.skipped.extend(affines.skipped)
         report.checks.extend(affines.checks)
     report.notes[:0] = notes + [inputs.description]
-    return report
+    return report, inputs
+
+
+def _save_directory(report: Report, inputs: ExampleInputs, out_dir: Path, default: Path, *, explicit: bool,
+                    force: bool, protect: list[Path]) -> Path:
+    """save_pretrained, proven by reloading; by default a model that would reload wrong is written as a .pt instead."""
+    try:
+        report.checks.append(save_pretrained_checked(report.model, out_dir, inputs.args, force=force, protect=protect))
+        return out_dir
+    except DoesNotRoundTrip as refusal:
+        if explicit:
+            raise
+        report.notes.append(f"wrote {default} instead of a save_pretrained directory: " + str(refusal).split(": ", 1)[1])
+        save_module(report.model, check_output_path(default, force=force, protect=protect), force=force,
+                    protect=protect)
+        return default
 
 
 def _fold_exported(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None,

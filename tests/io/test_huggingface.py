@@ -199,3 +199,42 @@ def test_a_causal_lm_directory_exports_its_no_cache_forward_without_flags(saved:
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert any("use_cache=False" in n for n in report["notes"]) and report["passed"]
+
+
+def _fold_cli(*args: object):
+    from click.testing import CliRunner
+
+    import normsurgeon.cli
+
+    return CliRunner().invoke(normsurgeon.cli.main, ["fold", *map(str, args), "--json"])
+
+
+def test_fold_affine_writes_a_directory_that_from_pretrained_reloads_the_same(saved: dict, tmp_path: Path) -> None:
+    folder, model, inputs = saved["llama"]
+    out = tmp_path / "folded"
+
+    result = _fold_cli(folder, "--affine", "-o", out)
+
+    assert result.exit_code == 0, result.stderr
+    assert (out / "config.json").exists() and not list(tmp_path.glob(".folded*"))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).eval()  # independently of normsurgeon
+    torch.testing.assert_close(first_output(reloaded, inputs), first_output(model, inputs), rtol=1e-4, atol=1e-5)
+    assert json.loads(result.stdout)["checks"][-1]["label"] == "save_pretrained reloaded vs written"
+
+
+def test_a_fold_that_would_reload_wrong_is_not_written_as_a_directory(tmp_path: Path) -> None:
+    """transformers builds ResNet's convs without a bias: the folded BN's shift would be dropped on reload."""
+    from tests.helpers import give_realistic_stats
+
+    model, inputs = build("resnet")
+    folder = tmp_path / "trained"
+    give_realistic_stats(model, *inputs).save_pretrained(folder)
+    given = tmp_path / "folded"
+
+    refused = _fold_cli(folder, "-o", given)
+
+    assert refused.exit_code == 8 and "reloads different" in refused.stderr and not given.exists()
+    fallback = _fold_cli(folder)
+    assert fallback.exit_code == 0, fallback.stderr
+    assert (tmp_path / "trained.folded.pt").exists() and not (tmp_path / "trained.folded").exists()
+    assert any("instead of a save_pretrained directory" in n for n in json.loads(fallback.stdout)["notes"])
