@@ -1,9 +1,12 @@
-"""Editing modules in place: swapping a submodule everywhere it is registered, and writing a
-layer's weight whether it is a plain parameter or weight-normalized (w = g * v / ||v||)."""
+"""Editing modules in place: swapping a submodule everywhere it is registered, writing a layer's
+weight whether it is a plain parameter or weight-normalized (w = g * v / ||v||), finding the
+weight norms on a layer, and running a model in eval mode without losing its modules' own modes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +117,19 @@ def _byte_extent(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
+def weight_norm_sites(module: nn.Module) -> list[tuple[str, str, int]]:
+    """(tensor name, "parametrization" | "hook", dim) for every weight norm on this module itself."""
+    sites = []
+    if parametrize.is_parametrized(module):
+        for name, plist in module.parametrizations.items():
+            if any(type(p).__name__ == "_WeightNorm" for p in plist):
+                sites.append((name, "parametrization", next(p.dim for p in plist if type(p).__name__ == "_WeightNorm")))
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            sites.append((hook.name, "hook", hook.dim))
+    return sites
+
+
 def _hook_weight_norm(module: nn.Module) -> WeightNorm | None:
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and hook.name == "weight":
@@ -204,3 +220,22 @@ def ensure_bias(module: nn.Module, size: int, like: torch.Tensor) -> torch.Tenso
         with torch.inference_mode(False):
             module.bias = nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device), requires_grad=trainable)
     return module.bias
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every module's training flag on exit, whatever the block did."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The whole model in eval mode for the block; every module's own mode restored after (mixed modes survive)."""
+    with preserved_modes(model):
+        model.eval()
+        yield model

@@ -51,9 +51,9 @@ from torch.utils._pytree import tree_map
 from ..errors import ExportError, LoadError
 from ..io.saving import named_temp, write_atomically
 from ..passes.fold_batchnorm import fold_batchnorm
-from ..passes.weight_norm import remove_weight_norm, weight_norm_sites
+from ..passes.weight_norm import remove_weight_norm
 from ..report import Report
-from ..surgery import copy_model
+from ..surgery import copy_model, weight_norm_sites
 from .runtime import resolve_providers
 from .verify import batch_size, verify_onnx
 

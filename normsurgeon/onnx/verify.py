@@ -14,9 +14,8 @@ ModelOutput) in the same pytree order as :func:`~normsurgeon.check.flatten_outpu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from ..check import compare_outputs, default_tolerance, flatten_outputs
 from ..errors import LoadError, PreconditionError, UsageError
 from ..report import Check, OutputDiff, Report
+from ..surgery import eval_mode
 from ..trace import call_model
 from . import runtime
 
@@ -162,18 +162,6 @@ def _run_torch(model: nn.Module, inputs: tuple | dict) -> Any:
             f"the torch model failed on the example inputs ({type(exc).__name__}: {first}); "
             "check --input-shape/--inputs"
         ) from exc
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each one's own flag (mixed modes survive)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _compare(

@@ -18,9 +18,8 @@ report's check compares outputs before and after on a held-out batch; it is info
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -31,28 +30,10 @@ from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.data import Batch, Batches, check_fits, describe_shapes, load_batches, to_model
 from ..modules import MeanOnlyBatchNorm
 from ..report import Change, Check, Report, Skip, SkipReason
+from ..surgery import eval_mode, preserved_modes
 from ..trace import call_model
 
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@contextlib.contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every module's training flag on exit, whatever the block did."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The whole model in eval mode for the block; every module's own mode restored after."""
-    with preserved_modes(model):
-        model.eval()
-        yield model
 
 
 def recalibrate(

@@ -36,10 +36,9 @@ from ..check import compare_outputs
 from ..errors import PreconditionError, UsageError, VerificationError
 from ..io.data import Batch, check_fits, load_batches, to_model
 from ..report import Change, Report, Skip, SkipReason
+from ..surgery import eval_mode, shared_parameter_ids, weight_norm_sites
 from ..trace import Trace, call_model, trace
-from ..walk import module_graph, registrations
 from .mean_only_bn import replace_batchnorms
-from .recalibrate import eval_mode
 from .weight_norm_init import data_dependent_init
 
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (
@@ -80,19 +79,6 @@ def _torch_dim(g_shape: torch.Size, v_shape: torch.Size) -> int:
 
 
 # --------------------------------------------------------------------------- what a layer has
-
-
-def weight_norm_sites(module: nn.Module) -> list[tuple[str, str, int]]:
-    """(tensor name, "parametrization" | "hook", dim) for every weight norm on this module itself."""
-    sites = []
-    if parametrize.is_parametrized(module):
-        for name, plist in module.parametrizations.items():
-            if any(type(p).__name__ == "_WeightNorm" for p in plist):
-                sites.append((name, "parametrization", next(p.dim for p in plist if type(p).__name__ == "_WeightNorm")))
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
-            sites.append((hook.name, "hook", hook.dim))
-    return sites
 
 
 def resolve_layer_types(layer_types: Iterable[type | str]) -> tuple[type[nn.Module], ...]:
@@ -180,7 +166,7 @@ def _weights(model: nn.Module, types: tuple[type, ...]) -> dict[str, torch.Tenso
 
 
 def _apply_all(model: nn.Module, types: tuple[type, ...], flow: Trace | None, report: Report) -> list[tuple[str, nn.Module]]:
-    shared = _shared_ids(model)
+    shared = shared_parameter_ids(model)  # tied weights, and weights whose memory another tensor also uses
     normed = []
     for path, module in list(model.named_modules()):
         if not isinstance(module, types):
@@ -194,12 +180,6 @@ def _apply_all(model: nn.Module, types: tuple[type, ...], flow: Trace | None, re
         normed.append((path, module))
         report.changes.append(Change("weight-normed", path, None, _apply_detail(module, dim, zeros)))
     return normed
-
-
-def _shared_ids(model: nn.Module) -> set[int]:
-    # How often named_parameters(remove_duplicate=False) would list each, without enumerating a module DAG's paths.
-    counts = registrations(module_graph(model))
-    return {key for key, n in counts.items() if n > 1}
 
 
 def _refusal(module: nn.Module, shared: set[int], flow: Trace | None) -> tuple[SkipReason, str] | None:

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..io.data import Batch
 from ..report import Change, Report, Skip, SkipReason
+from ..surgery import eval_mode
 from ..trace import call_model
-from .recalibrate import eval_mode
 
 
 class _Stop(Exception):

@@ -93,6 +93,22 @@ def test_layer_types_restrict_what_is_normed_and_skips_say_why():
     assert {s.reason for s in apply_weight_norm(tied).skipped} == {SkipReason.SHARED_PARAMETER}
 
 
+def test_a_weight_that_is_a_view_of_another_is_skipped_as_shared():
+    """Same rule as the folds (surgery.shared_parameter_ids): memory shared through a view counts, not only
+    one Parameter registered twice; weight-norming either would leave the other reading the raw weight."""
+    model = nn.Sequential(nn.Conv1d(4, 4, 1, bias=False), nn.Conv1d(4, 4, 1, bias=False), nn.Linear(3, 3))
+    model[1].weight = nn.Parameter(model[0].weight.view(4, 4, 1))  # an alias, not the same Parameter
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = apply_weight_norm(model)
+    assert [(s.module, s.reason, s.detail) for s in report.skipped] == [
+        ("0", SkipReason.SHARED_PARAMETER, "weight norm would untie it"),
+        ("1", SkipReason.SHARED_PARAMETER, "weight norm would untie it"),
+    ]
+    assert [c.module for c in report.changes] == ["2"]
+    assert model[1].weight.data_ptr() == model[0].weight.data_ptr()  # still one tensor
+    assert all(torch.equal(before[f"{i}.weight"], model[i].weight) for i in (0, 1))
+
+
 @pytest.mark.parametrize("name", ["hifigan", "hifigan_legacy"], ids=["parametrizations", "hook-api"])
 def test_remove_on_real_weight_normed_generators(name):
     model, x = models.build(name), models.example_inputs(name, 2)
