@@ -40,7 +40,7 @@ with _cli_import_interruptible():
         VerificationError,
     )
     from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm, MeanOnlyBatchNorm
-    from .param_groups import ParamGroups, param_groups
+    from .passes.param_groups import ParamGroups, param_groups
     from .passes.convert import convert_norms
     from .passes.fold_batchnorm import fold_batchnorm
     from .passes.fold_norm_affine import fold_norm_affines

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .dataflow import Refusal
 from .maths import batchnorm_scale_shift
 from .modules import MeanOnlyBatchNorm
 from .report import SkipReason
@@ -38,15 +39,6 @@ class BatchNormStats:
         return self.mean.numel()
 
 
-class NotBatchNorm(Exception):
-    """Raised by :func:`batchnorm_stats` with the reason a module cannot be treated as BN."""
-
-    def __init__(self, reason: SkipReason, detail: str = "") -> None:
-        super().__init__(detail or reason.value)
-        self.reason = reason
-        self.detail = detail
-
-
 def is_batchnorm_like(module: nn.Module) -> bool:
     """True for torch BatchNorm layers and for modules shaped like a frozen BatchNorm."""
     if isinstance(module, (_BatchNorm, MeanOnlyBatchNorm)):
@@ -64,7 +56,7 @@ def _looks_like_frozen_batchnorm(module: nn.Module) -> bool:
 
 
 def batchnorm_stats(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> BatchNormStats:
-    """The test-time statistics of a BatchNorm-like module, or :class:`NotBatchNorm` with why not."""
+    """The test-time statistics of a BatchNorm-like module, or :class:`~normsurgeon.dataflow.Refusal` with why not."""
     if isinstance(module, _BatchNorm):
         return _torch_batchnorm_stats(module)
     if isinstance(module, MeanOnlyBatchNorm):
@@ -78,7 +70,7 @@ def batchnorm_stats(module: nn.Module, input_shape: tuple[int, ...] | None = Non
     )
     _check_finite(stats)
     if input_shape is None or not _matches_formula(module, stats, input_shape):
-        raise NotBatchNorm(
+        raise Refusal(
             SkipReason.UNKNOWN_BEHAVIOUR,
             f"{type(module).__name__} has BatchNorm buffers but does not compute the BatchNorm formula",
         )
@@ -87,11 +79,11 @@ def batchnorm_stats(module: nn.Module, input_shape: tuple[int, ...] | None = Non
 
 def _torch_batchnorm_stats(module: _BatchNorm) -> BatchNormStats:
     if type(module).forward not in _TORCH_BATCHNORM_FORWARDS:
-        raise NotBatchNorm(SkipReason.UNKNOWN_BEHAVIOUR, f"{type(module).__name__}.forward")
+        raise Refusal(SkipReason.UNKNOWN_BEHAVIOUR, f"{type(module).__name__}.forward")
     if module.training:
-        raise NotBatchNorm(SkipReason.TRAINING_MODE, "call .eval() on the model first")
+        raise Refusal(SkipReason.TRAINING_MODE, "call .eval() on the model first")
     if not module.track_running_stats or module.running_mean is None:
-        raise NotBatchNorm(SkipReason.NO_RUNNING_STATS)
+        raise Refusal(SkipReason.NO_RUNNING_STATS)
     stats = BatchNormStats(
         mean=module.running_mean,
         var=module.running_var,
@@ -106,9 +98,9 @@ def _torch_batchnorm_stats(module: _BatchNorm) -> BatchNormStats:
 def _mean_only_stats(module: MeanOnlyBatchNorm) -> BatchNormStats:
     """Mean-only BN is BN with var = 1, eps = 0 and no gain: y = x - running_mean + bias."""
     if type(module).forward is not MeanOnlyBatchNorm.forward:
-        raise NotBatchNorm(SkipReason.UNKNOWN_BEHAVIOUR, f"{type(module).__name__}.forward")
+        raise Refusal(SkipReason.UNKNOWN_BEHAVIOUR, f"{type(module).__name__}.forward")
     if module.training:
-        raise NotBatchNorm(SkipReason.TRAINING_MODE, "call .eval() on the model first")
+        raise Refusal(SkipReason.TRAINING_MODE, "call .eval() on the model first")
     stats = BatchNormStats(mean=module.running_mean, var=torch.ones_like(module.running_mean),
                            eps=0.0, weight=None, bias=module.bias)
     _check_finite(stats)
@@ -119,11 +111,11 @@ def _check_finite(stats: BatchNormStats) -> None:
     tensors = {name: t for name in ("mean", "var", "weight", "bias") if (t := getattr(stats, name)) is not None}
     if not torch.isfinite(torch.cat([t.detach().reshape(-1) for t in tensors.values()])).all():  # one op per BN
         culprit = next(name for name, t in tensors.items() if not torch.isfinite(t).all())
-        raise NotBatchNorm(SkipReason.NONFINITE_STATS, f"non-finite values in {culprit}")
+        raise Refusal(SkipReason.NONFINITE_STATS, f"non-finite values in {culprit}")
     if (stats.var < 0).any():
-        raise NotBatchNorm(SkipReason.NONFINITE_STATS, "negative running_var")
+        raise Refusal(SkipReason.NONFINITE_STATS, "negative running_var")
     if (stats.var.double() + stats.eps == 0).any():
-        raise NotBatchNorm(SkipReason.NONFINITE_STATS, "running_var + eps is 0: it divides by zero")
+        raise Refusal(SkipReason.NONFINITE_STATS, "running_var + eps is 0: it divides by zero")
 
 
 def never_updated(module: nn.Module, stats: BatchNormStats) -> bool:

@@ -21,14 +21,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .layout import is_layout_op
+from .dataflow import describe, source, users_through, walk_down, walk_up
 from .trace import Node, Trace, Value
 
 _ADD_NAMES = frozenset({"add", "__add__", "__radd__", "add_", "__iadd__"})
-_SAME_AXES = frozenset({"contiguous", "clone"})
 _CONV = nn.modules.conv._ConvNd
 
 
@@ -59,43 +57,11 @@ class Where:
 
 
 # ------------------------------------------------------------------------------- graph helpers
-
-
-def is_passthrough(node: Node) -> bool:
-    """An op that hands its input on unchanged, axes included (eval Dropout, Identity, contiguous,
-    a ``.to(device)`` without a dtype)."""
-    if _is_device_move(node):
-        return True
-    return is_layout_op(node) and (node.kind == "module" or node.name in _SAME_AXES)
-
-
-def _is_device_move(node: Node) -> bool:
-    if node.kind != "function" or node.name != "to" or len(node.inputs) != 1 or len(node.outputs) != 1:
-        return False
-    options = [*node.args[1:], *node.kwargs.values()]
-    return not any(isinstance(a, (torch.dtype, torch.Tensor)) for a in options)
+# (the walks through layout and passthrough ops are :mod:`normsurgeon.dataflow`'s)
 
 
 def is_add(node: Node) -> bool:
     return node.kind == "function" and node.name in _ADD_NAMES and len(node.inputs) == 2
-
-
-def source(value: Value) -> Value:
-    """The value before any passthrough ops that lead to ``value``."""
-    while is_passthrough(value.producer) and value.producer.inputs:
-        value = value.producer.inputs[0]
-    return value
-
-
-def users_through(value: Value) -> list[tuple[Node, Value]]:
-    """(user, value it reads) for every user of ``value``, looking through passthrough ops."""
-    found: list[tuple[Node, Value]] = []
-    for user in value.users:
-        if is_passthrough(user) and user.outputs:
-            found.extend(users_through(user.outputs[0]))
-        else:
-            found.append((user, value))
-    return found
 
 
 def reaches(value: Value, target: Node) -> bool:
@@ -187,13 +153,14 @@ def _stream_role(flow: Trace, module: nn.Module) -> Placement | str | None:
 
 
 def _neighbour_role(flow: Trace, call: Node) -> Placement:
-    producer = _producer_through_layout(flow, call)
+    value, _, _ = walk_up(flow, call)
+    producer = value.producer if value is not None else None
     if producer is not None and producer.kind == "module":
         if isinstance(producer.module, _CONV):
             return Placement.AFTER_CONV
         if _is_linear_like(producer.module):
             return Placement.AFTER_LINEAR
-    consumers = _consumers_through_layout(call.outputs[0]) if call.outputs else []
+    consumers = [node for node, _, _ in walk_down(call.outputs[0])] if call.outputs else []
     modules = [c.module for c in consumers if c.kind == "module"]
     if consumers and len(modules) == len(consumers):
         if all(isinstance(m, _CONV) for m in modules):
@@ -201,23 +168,6 @@ def _neighbour_role(flow: Trace, call: Node) -> Placement:
         if all(_is_linear_like(m) for m in modules):
             return Placement.BEFORE_LINEAR
     return Placement.STANDALONE
-
-
-def _producer_through_layout(flow: Trace, call: Node) -> Node | None:
-    value = flow.data_input(call)
-    while value is not None and is_layout_op(value.producer) and len(value.users) == 1:
-        value = flow.data_input(value.producer)
-    return value.producer if value is not None else None
-
-
-def _consumers_through_layout(value: Value) -> list[Node]:
-    found = []
-    for user in value.users:
-        if is_layout_op(user) and user.outputs:
-            found.extend(_consumers_through_layout(user.outputs[0]))
-        else:
-            found.append(user)
-    return found
 
 
 def _is_linear_like(module: nn.Module | None) -> bool:
@@ -228,15 +178,6 @@ def _is_linear_like(module: nn.Module | None) -> bool:
 def is_conv1d(module: nn.Module | None) -> bool:
     """transformers' ``Conv1D`` (GPT-2): y = x @ W + b with W of shape (in, out)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def describe(node: Node) -> str:
-    """A node in words, as reports name it."""
-    if node.kind == "module":
-        return f"{node.name} ({type(node.module).__name__})"
-    if node.kind in ("input", "output"):
-        return f"the model's {node.kind}"
-    return f"{node.name}()"
 
 
 def neighbours(flow: Trace, call: Node) -> str:

@@ -33,7 +33,9 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from .errors import UsageError
+from .dataflow import Refusal
 from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm
+from .report import SkipReason
 from .trace import Node, Trace
 
 _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps")
@@ -170,8 +172,8 @@ def recognize_norms(model: nn.Module, flow: Trace) -> Recognition:
         calls = flow.calls_of(module)
         try:
             info = recognize(module, path, calls)
-        except _Mismatch as mismatch:
-            result.unrecognized.append(Unrecognized(path, type(module).__name__, str(mismatch)))
+        except Refusal as mismatch:
+            result.unrecognized.append(Unrecognized(path, type(module).__name__, mismatch.detail))
             continue
         if info is not None:
             result.norms.append(info)
@@ -190,7 +192,8 @@ def is_candidate(module: nn.Module) -> bool:
 
 
 def recognize(module: nn.Module, path: str, calls: list[Node]) -> NormInfo | None:
-    """The module's :class:`NormInfo`; raises ``_Mismatch`` with the reason when it is not a norm.
+    """The module's :class:`NormInfo`; raises :class:`~normsurgeon.dataflow.Refusal` (NOT_A_NORM) with
+    the reason when it is not a norm.
 
     A torch norm class is known even when it never ran (then ``input_shape`` is ``()``).
     """
@@ -199,14 +202,15 @@ def recognize(module: nn.Module, path: str, calls: list[Node]) -> NormInfo | Non
     if known is not None:
         return _from_class(module, path, known, shape, len(calls))
     if not calls:
-        raise _Mismatch("not called on the example inputs, so what it computes cannot be checked")
+        raise _mismatch("not called on the example inputs, so what it computes cannot be checked")
     if len(calls[0].inputs) != 1:
-        raise _Mismatch("its forward() takes more than one tensor: a conditional norm normsurgeon cannot treat")
+        raise _mismatch("its forward() takes more than one tensor: a conditional norm normsurgeon cannot treat")
     return _from_probe(module, path, shape, len(calls), calls[0])
 
 
-class _Mismatch(Exception):
-    """A candidate's behaviour matches no norm formula (the message says how it was checked)."""
+def _mismatch(detail: str) -> Refusal:
+    """A candidate whose behaviour matches no norm formula (``detail`` says how it was checked)."""
+    return Refusal(SkipReason.NOT_A_NORM, detail)
 
 
 # ------------------------------------------------------------------------------- by class
@@ -264,16 +268,16 @@ def _from_probe(module: nn.Module, path: str, shape: tuple[int, ...], calls: int
     weight, bias = _tensor_attr(module, _WEIGHT_NAMES), _tensor_attr(module, _BIAS_NAMES)
     dtype = call.args[0].dtype if call.args and isinstance(call.args[0], torch.Tensor) else _dtype(module, shape)
     if not dtype.is_floating_point:
-        raise _Mismatch(f"its input is {dtype}, not floating point")
+        raise _mismatch(f"its input is {dtype}, not floating point")
     sizes = {t.numel() for t in (*module.parameters(), *module.buffers()) if t.dim() == 1}
     x = probe_input(shape, dtype, keep=sizes)
     try:
         with torch.no_grad():
             got = copy.deepcopy(module).eval()(x)
     except Exception as exc:  # the probe is our input, not the user's: report, don't crash
-        raise _Mismatch(f"failed on a probe tensor of shape {tuple(x.shape)} ({type(exc).__name__}: {exc})") from None
+        raise _mismatch(f"failed on a probe tensor of shape {tuple(x.shape)} ({type(exc).__name__}: {exc})") from None
     if not isinstance(got, torch.Tensor) or got.shape != x.shape:
-        raise _Mismatch("its output does not have its input's shape")
+        raise _mismatch("its output does not have its input's shape")
     own_eps = _eps_of(module)
     eps_options = (own_eps,) if own_eps is not None else _GUESSED_EPS
     best: tuple[float, str] = (math.inf, "no formula fits its parameters' shapes")
@@ -291,7 +295,7 @@ def _from_probe(module: nn.Module, path: str, shape: tuple[int, ...], calls: int
             if typical < best[0]:
                 best = (typical, f"closest formula is {hypothesis.kind.spec.title} with eps={eps:g}: "
                                  f"off by {miss:.3g} at most, {typical:.3g} on average, relative to its scale")
-    raise _Mismatch(f"{type(module).__name__} computes no known norm formula on a probe input ({best[1]})")
+    raise _mismatch(f"{type(module).__name__} computes no known norm formula on a probe input ({best[1]})")
 
 
 def probe_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, keep: set[int] = frozenset()) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import models
-from normsurgeon.param_groups import param_groups
+from normsurgeon.passes.param_groups import param_groups
 
 
 @functools.lru_cache(maxsize=None)

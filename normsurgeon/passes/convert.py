@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs, mismatch_error, require_tensor_outputs
+from ..dataflow import Refusal
 from ..errors import PreconditionError, UsageError
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
@@ -27,8 +28,7 @@ from ..report import Change, Report, Skip, SkipReason
 from ..surgery import copy_model, hooks_lost_by_replacing, replace_module, shared_parameter_ids
 from ..trace import Trace, call_model, trace
 from .convert_centring import CentringPlan, apply_centring, plan_centring
-from .convert_rules import NotConvertible, Rule, described, find_rule
-from .fold_batchnorm import Refused
+from .convert_rules import Rule, described, find_rule
 
 NATIVE = "native"
 Target = NormKind | Literal["native"]
@@ -133,7 +133,7 @@ def _plan_centring(flow: Trace, recognition: Recognition, selected: list[NormInf
     where = place_norms(flow, [i.module for i in recognition.norms])
     try:
         plan = plan_centring(flow, recognition, lns, where, shared)
-    except Refused as refusal:
+    except Refusal as refusal:
         why = f"the residual stream cannot be centred: {refusal.detail}"
         report.notes.append(f"LayerNorm -> RMSNorm cannot be exact by centring the residual stream: {refusal.detail}")
         return None, selected, {id(i): why for i in lns}
@@ -161,8 +161,8 @@ def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
             continue
         try:
             why = rule.inexact(info)
-        except NotConvertible as refusal:
-            report.skipped.append(Skip(info.path, refusal.reason, refusal.detail))
+        except Refusal as refusal:
+            report.skipped.append(refusal.skip(info.path))
             continue
         if why and id(info) in why_not_centred:
             why = f"{why_not_centred[id(info)]}, and {why}"
@@ -201,8 +201,8 @@ def _apply_centring(model: nn.Module, flow: Trace, plan: CentringPlan, shared: s
 def _replace(model: nn.Module, item: _Item, report: Report) -> None:
     try:
         new = item.rule.build(item.info)
-    except NotConvertible as refusal:
-        report.skipped.append(Skip(item.info.path, refusal.reason, refusal.detail))
+    except Refusal as refusal:
+        report.skipped.append(refusal.skip(item.info.path))
         return
     new.train(item.info.module.training)
     replace_module(model, item.info.module, new)

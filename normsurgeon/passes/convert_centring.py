@@ -27,22 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..placement import (
-    Placement,
-    Where,
-    describe,
-    is_add,
-    is_conv1d,
-    is_passthrough,
-    residual_operands,
-    source,
-    users_through,
-)
+from ..dataflow import Refusal, check_editable, describe, is_passthrough, source, users_through
+from ..placement import Placement, Where, is_add, is_conv1d, residual_operands
 from ..recognize import NormInfo, NormKind, Recognition
 from ..report import Change, SkipReason
 from ..surgery import editable_weight
 from ..trace import Trace, Value
-from .fold_batchnorm import Refused, check_editable
 from .fold_norm_affine import apply_affine_fold, plan_affine_fold
 
 _STREAM_PLACEMENTS = (Placement.PRE_NORM, Placement.FINAL_NORM)
@@ -59,7 +49,7 @@ class CentringPlan:
 
 def plan_centring(flow: Trace, recognition: Recognition, sources: list[NormInfo],
                   where: dict[nn.Module, Where], shared: set[int]) -> CentringPlan:
-    """Which writers to centre and which LayerNorms become RMSNorm; :class:`Refused` when the stream cannot be centred."""
+    """Which writers to centre and which LayerNorms become RMSNorm; :class:`~normsurgeon.dataflow.Refusal` when the stream cannot be centred."""
     plan = CentringPlan()
     on_stream = []
     for info in sources:
@@ -97,7 +87,7 @@ def apply_centring(flow: Trace, plan: CentringPlan, shared: set[int]) -> tuple[l
     for info in plan.norms:
         try:
             consumers = plan_affine_fold(flow, info, shared)
-        except Refused as refusal:
+        except Refusal as refusal:
             consumers, why = None, refusal.detail
         if consumers is not None:
             changes.extend(apply_affine_fold(flow, info, consumers))
@@ -128,7 +118,7 @@ def _collect_stream(flow: Trace, starts: list[Value | None]) -> tuple[set[int], 
     while stack:
         value = stack.pop()
         if value is None:
-            raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, "a LayerNorm's input is not traced")
+            raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE, "a LayerNorm's input is not traced")
         if id(value) in stream:
             continue
         stream.add(id(value))
@@ -144,7 +134,7 @@ def _collect_stream(flow: Trace, starts: list[Value | None]) -> tuple[set[int], 
         elif producer.kind == "module" and isinstance(producer.module, nn.Embedding):
             writers[producer.module] = None
         else:
-            raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, f"the residual stream starts at {describe(producer)}; "
+            raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE, f"the residual stream starts at {describe(producer)}; "
                           "normsurgeon centres embeddings and linear layers only")
     return stream, list(writers)
 
@@ -153,7 +143,7 @@ def _writer(branch: Value) -> nn.Module:
     producer = source(branch).producer
     if producer.kind == "module" and (isinstance(producer.module, (nn.Linear, nn.Embedding)) or is_conv1d(producer.module)):
         return producer.module
-    raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, f"{describe(producer)} writes to the residual stream; "
+    raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE, f"{describe(producer)} writes to the residual stream; "
                   "normsurgeon can centre only linear layers and embeddings")
 
 
@@ -170,7 +160,7 @@ def _check_readers(flow: Trace, recognition: Recognition, stream: set[int]) -> N
                 if user.kind == "module" and user.module in layernorms:
                     continue
                 what = "the model's output (e.g. hidden states)" if user.kind == "output" else describe(user)
-                raise Refused(SkipReason.UNSUPPORTED_STRUCTURE,
+                raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE,
                               f"the residual stream is also read by {what}, which would see the centred values")
 
 
@@ -179,13 +169,13 @@ def _check_writer(flow: Trace, module: nn.Module, stream: set[int], width: int, 
     for call in flow.calls_of(module):
         for user, _ in users_through(call.outputs[0]):
             if not (is_add(user) and user.outputs and id(user.outputs[0]) in stream):
-                raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, f"{path} writes to the residual stream and also to {describe(user)}")
+                raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE, f"{path} writes to the residual stream and also to {describe(user)}")
     if _out_features(module) != width:
-        raise Refused(SkipReason.UNSUPPORTED_STRUCTURE, f"{path} writes {_out_features(module)} features, the stream has {width}")
+        raise Refusal(SkipReason.UNSUPPORTED_STRUCTURE, f"{path} writes {_out_features(module)} features, the stream has {width}")
     try:
         check_editable(flow, module, shared, output_changes=True)
-    except Refused as refusal:
-        raise Refused(refusal.reason, f"{refusal.detail}: it writes to the residual stream and cannot be centred alone") from None
+    except Refusal as refusal:
+        raise Refusal(refusal.reason, f"{refusal.detail}: it writes to the residual stream and cannot be centred alone") from None
 
 
 # ------------------------------------------------------------------------------- edits

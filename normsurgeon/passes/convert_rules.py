@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..dataflow import Refusal
 from ..modules import ChannelsFirstLayerNorm, FrozenBatchNorm
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind
 from ..report import SkipReason
@@ -31,21 +32,12 @@ from ..report import SkipReason
 GN_MAX_GROUPS = 32  # Wu & He 2018: 32 groups; fewer when C has no such divisor
 
 
-class NotConvertible(Exception):
-    """A rule that does not apply to this norm, with the reason (internal to convert)."""
-
-    def __init__(self, reason: SkipReason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass(frozen=True)
 class Rule:
     """Convert a ``source`` norm to ``target`` by building a replacement module.
 
     ``inexact`` says why the result would not be exact for this norm ('' when it is); ``build``
-    raises :class:`NotConvertible` when the conversion does not apply at all.
+    raises :class:`~normsurgeon.dataflow.Refusal` when the conversion does not apply at all.
     """
 
     source: NormKind
@@ -80,7 +72,7 @@ def _copy(target: torch.Tensor | None, source: torch.Tensor | None, fill: float 
 
 def _rank(info: NormInfo) -> int:
     if not info.input_shape:
-        raise NotConvertible(SkipReason.NOT_CALLED, "its input rank is unknown")
+        raise Refusal(SkipReason.NOT_CALLED, "its input rank is unknown")
     return len(info.input_shape)
 
 
@@ -89,7 +81,7 @@ def _rank(info: NormInfo) -> int:
 
 def _native_rmsnorm(info: NormInfo) -> nn.Module:
     if info.bias is not None:
-        raise NotConvertible(SkipReason.NO_CONVERSION, "it adds a bias, which nn.RMSNorm has not")
+        raise Refusal(SkipReason.NO_CONVERSION, "it adds a bias, which nn.RMSNorm has not")
     new = nn.RMSNorm(info.normalized_shape, eps=info.eps, elementwise_affine=info.weight is not None, **_factory(info))
     _copy(new.weight, info.weight)
     return new
@@ -127,10 +119,10 @@ def _native_groupnorm(info: NormInfo) -> nn.Module:
 def _stats(info: NormInfo) -> tuple[torch.Tensor, torch.Tensor]:
     module = info.module
     if getattr(module, "training", False) and info.kind is not NormKind.FROZEN_BATCHNORM:
-        raise NotConvertible(SkipReason.TRAINING_MODE, "call .eval() on the model first")
+        raise Refusal(SkipReason.TRAINING_MODE, "call .eval() on the model first")
     mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
     if mean is None or var is None or not getattr(module, "track_running_stats", True):
-        raise NotConvertible(SkipReason.NO_RUNNING_STATS, "")
+        raise Refusal(SkipReason.NO_RUNNING_STATS, "")
     return mean, var
 
 
@@ -167,7 +159,7 @@ def _to_batchnorm(info: NormInfo) -> nn.Module:
     classes = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
     rank = _rank(info)
     if rank not in classes:
-        raise NotConvertible(SkipReason.NO_CONVERSION, f"no torch BatchNorm takes rank-{rank} inputs")
+        raise Refusal(SkipReason.NO_CONVERSION, f"no torch BatchNorm takes rank-{rank} inputs")
     return _trainable_batchnorm(info, classes[rank])
 
 
@@ -188,7 +180,7 @@ def _instance_inexact(info: NormInfo) -> str:
 def _instance_to_group(info: NormInfo) -> nn.Module:
     expected = getattr(info.module, "_get_no_batch_dim", lambda: None)()
     if expected is not None and len(info.input_shape) == expected:
-        raise NotConvertible(SkipReason.NO_CONVERSION, "it runs on unbatched input, which GroupNorm reads as (N, C)")
+        raise Refusal(SkipReason.NO_CONVERSION, "it runs on unbatched input, which GroupNorm reads as (N, C)")
     new = nn.GroupNorm(info.num_features, info.num_features, eps=info.eps, affine=info.weight is not None,
                        **_factory(info))
     _copy(new.weight, info.weight)
@@ -198,12 +190,12 @@ def _instance_to_group(info: NormInfo) -> nn.Module:
 
 def _group_to_instance(info: NormInfo) -> nn.Module:
     if info.groups != info.num_features:
-        raise NotConvertible(SkipReason.NO_CONVERSION, f"it has {info.groups} groups for {info.num_features} "
+        raise Refusal(SkipReason.NO_CONVERSION, f"it has {info.groups} groups for {info.num_features} "
                              "channels; only GroupNorm with one channel per group is an InstanceNorm")
     classes = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
     rank = _rank(info)
     if rank not in classes:
-        raise NotConvertible(SkipReason.NO_CONVERSION, f"no torch InstanceNorm takes rank-{rank} (N, C, ...) inputs")
+        raise Refusal(SkipReason.NO_CONVERSION, f"no torch InstanceNorm takes rank-{rank} (N, C, ...) inputs")
     affine = info.weight is not None or info.bias is not None
     new = classes[rank](info.num_features, eps=info.eps, affine=affine, track_running_stats=False, **_factory(info))
     _copy(new.weight, info.weight, 1.0)
@@ -256,7 +248,7 @@ def _rms_inexact(info: NormInfo) -> str:
 
 def _layer_to_rms(info: NormInfo) -> nn.Module:
     if len(info.normalized_shape) != 1:
-        raise NotConvertible(SkipReason.NO_CONVERSION, "nn.RMSNorm here would normalize several dims")
+        raise Refusal(SkipReason.NO_CONVERSION, "nn.RMSNorm here would normalize several dims")
     new = nn.RMSNorm(info.normalized_shape, eps=info.eps, elementwise_affine=info.weight is not None, **_factory(info))
     _copy(new.weight, info.weight)
     return new

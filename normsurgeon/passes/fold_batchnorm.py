@@ -23,39 +23,27 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs, mismatch_error, require_tensor_outputs, rounding_noise
+from ..dataflow import Refusal, channel_axis, check_editable, describe, producer_targets, walk_down
 from ..errors import PreconditionError
-from ..layout import axis_after, axis_before, is_layout_op
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
-from ..norms import BatchNormStats, NotBatchNorm, batchnorm_stats, is_batchnorm_like, never_updated
-from ..report import Change, Report, Skip, SkipReason
+from ..norms import BatchNormStats, batchnorm_stats, is_batchnorm_like, never_updated
+from ..report import Change, Report, SkipReason
 from ..surgery import (
     ParentIndex,
     copy_model,
     editable_weight,
     ensure_bias,
-    foreign_hooks,
     hooks_lost_by_replacing,
     module_parents,
     replace_module,
     shared_parameter_ids,
     turn_into_identity,
 )
-from ..trace import Node, Trace, Value, call_model, refuse_unusable, trace
+from ..trace import Node, Trace, call_model, refuse_unusable, trace
 
 _NOISE_FACTOR = 4  # a fold may differ from the original by this many times the model's rounding noise
-_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 _CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-class Refused(Exception):
-    """A fold plan that does not hold, with the reason (internal to this pass)."""
-
-    def __init__(self, reason: SkipReason, detail: str, stats: BatchNormStats | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.stats = stats
 
 
 @dataclass
@@ -103,12 +91,12 @@ def fold_batchnorm(
     removed: dict[nn.Module, str] = {}
     for path, module in _batchnorm_modules(model):
         try:
-            plan = _plan(flow, module, shared, allow_default_stats)
-        except Refused as refusal:
+            plan = plan_batchnorm_fold(flow, module, shared, allow_default_stats=allow_default_stats)
+        except Refusal as refusal:
             if unfoldable == "affine" and refusal.stats is not None:
                 _replace_with_affine(model, module, refusal.stats, report, path, parents)
             else:
-                report.skipped.append(Skip(path, refusal.reason, refusal.detail))
+                report.skipped.append(refusal.skip(path))
             continue
         given_a_bias += _apply(plan)
         replace_module(model, module, nn.Identity(), parents)
@@ -189,131 +177,66 @@ def _batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if is_batchnorm_like(m)]
 
 
-def _plan(flow: Trace, norm: nn.Module, shared: set[int], allow_default_stats: bool) -> FoldPlan:
+def plan_batchnorm_fold(flow: Trace, norm: nn.Module, shared: set[int], *, allow_default_stats: bool = False) -> FoldPlan:
+    """How ``norm`` (a BatchNorm-like module of the traced model) folds, or :class:`Refusal` with why not.
+
+    ``shared`` is :func:`~normsurgeon.surgery.shared_parameter_ids` of the model. A refusal for
+    want of a foldable neighbour carries the norm's statistics (``stats``).
+    """
     calls = flow.calls_of(norm)
     # Checked before NOT_CALLED: a BN whose stats only ``F.batch_norm`` reads (or whose forward() is
     # called directly, bypassing the hooks the trace records calls with) did run, just not as a module.
     outside = [n for t in (*norm.parameters(), *norm.buffers()) for n in flow.uses_outside(t)]
     if outside:
         names = ", ".join(sorted({f"{n.name}()" for n in outside}))
-        raise Refused(SkipReason.FUNCTIONAL_USE, f"its tensors are read by {names} outside a call of the module "
+        raise Refusal(SkipReason.FUNCTIONAL_USE, f"its tensors are read by {names} outside a call of the module "
                       "(a functional call, or its forward() called directly)")
     if not calls:
-        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+        raise Refusal(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
     hooked = hooks_lost_by_replacing(norm)
     if hooked:
-        raise Refused(SkipReason.HOOKED, hooked)
+        raise Refusal(SkipReason.HOOKED, hooked)
     first_input = flow.data_input(calls[0])
-    try:
-        stats = batchnorm_stats(norm, first_input.shape if first_input else None)
-    except NotBatchNorm as reason:
-        raise Refused(reason.reason, reason.detail) from None
+    stats = batchnorm_stats(norm, first_input.shape if first_input else None)
     if never_updated(norm, stats) and not allow_default_stats:
-        raise Refused(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
+        raise Refusal(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
     reasons = []
-    for planner in (_producer_targets, _consumer_targets):
+    for planner in (producer_targets, _consumer_targets):
         try:
             targets = planner(flow, calls)
             for target in targets:
-                check_editable(flow, target, shared, output_changes=planner is _producer_targets)
-            return FoldPlan(norm, stats, targets, into_producer=planner is _producer_targets)
-        except Refused as refusal:
+                check_editable(flow, target, shared, output_changes=planner is producer_targets)
+            return FoldPlan(norm, stats, targets, into_producer=planner is producer_targets)
+        except Refusal as refusal:
             if refusal.reason is not SkipReason.NO_FOLDABLE_NEIGHBOUR:
                 raise
             reasons.append(refusal.detail)
-    raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats)
-
-
-def check_editable(flow: Trace, target: nn.Module, shared: set[int], *, output_changes: bool = False) -> None:
-    """Refuse a layer whose weight cannot be changed in place exactly, or whose hooks would notice.
-
-    Its forward pre-hooks always count (they see a changed input, or recompute the weight); its
-    forward hooks only when the edit changes what it returns (``output_changes``).
-    """
-    path = flow.module_paths[target]
-    hooks = foreign_hooks(target, post=output_changes)
-    if hooks:
-        raise Refused(SkipReason.HOOKED, f"{path} has forward hooks ({', '.join(hooks)}) that would see different values")
-    if any(id(p) in shared for p in target.parameters()):
-        raise Refused(SkipReason.SHARED_PARAMETER, f"{path} shares its weight with another module")
-    if any(flow.uses_outside(p) for p in target.parameters()):
-        raise Refused(SkipReason.FUNCTIONAL_USE, f"{path}'s weight is also read outside {path}")
-    weight = editable_weight(target)
-    if isinstance(weight, str):
-        raise Refused(SkipReason.PARAMETRIZED_WEIGHT, f"{path}: {weight}")
-
-
-def _single_user(value: Value) -> Node | None:
-    return value.users[0] if len(value.users) == 1 else None
-
-
-def _channel_axis(module: nn.Module, rank: int) -> int:
-    """The channel axis of a layer's output (producer) or input (consumer)."""
-    return rank - 1 if isinstance(module, nn.Linear) else 1
-
-
-def _producer_targets(flow: Trace, calls: list[Node]) -> list[nn.Module]:
-    producers: list[Node] = []
-    for call in calls:
-        value, axis, consumer = flow.data_input(call), 1, call
-        while value is not None and is_layout_op(value.producer) and _single_user(value) is consumer:
-            consumer = value.producer
-            axis = axis_before(consumer, axis)
-            value = flow.data_input(consumer)
-        if value is None:
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its input is not produced by a layer")
-        producer = value.producer
-        label = _describe(flow, producer)
-        if not (producer.kind == "module" and isinstance(producer.module, _PRODUCERS)):
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its input comes from {label}")
-        if _single_user(value) is not consumer:
-            others = ", ".join(_describe(flow, u) for u in value.users if u is not consumer)
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s output also goes to {others}")
-        if axis != _channel_axis(producer.module, len(value.shape)):
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s channels are not the norm's channels")
-        producers.append(producer)
-    modules = {p.module for p in producers}
-    if len(modules) != 1:
-        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its calls read different layers")
-    (module,) = modules
-    if len(flow.calls_of(module)) != len(producers):
-        raise Refused(
-            SkipReason.NO_FOLDABLE_NEIGHBOUR,
-            f"{flow.module_paths[module]} is called {len(flow.calls_of(module))} times, not always before this norm",
-        )
-    return [module]
+    raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats=stats)
 
 
 def _consumer_targets(flow: Trace, calls: list[Node]) -> list[nn.Module]:
     reads: dict[nn.Module, int] = {}
     for call in calls:
-        for consumer, axis, value in _consumers(call.outputs[0] if call.outputs else None, 1):
-            label = _describe(flow, consumer)
+        output = call.outputs[0] if call.outputs else None
+        consumers = list(walk_down(output, axis=1)) if output is not None else []
+        if not consumers:
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its output is not used by a layer")
+        for consumer, axis, value in consumers:
+            label = describe(consumer)
             if not (consumer.kind == "module" and isinstance(consumer.module, _CONSUMERS)):
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output goes to {label}")
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output goes to {label}")
             if flow.data_input(consumer) is not value or len(consumer.inputs) != 1:
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} reads other tensors too")
-            if axis != _channel_axis(consumer.module, len(value.shape)):
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} mixes the norm's channels differently")
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} reads other tensors too")
+            if axis != channel_axis(consumer.module, len(value.shape)):
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} mixes the norm's channels differently")
             why_not = _inexact_consumer(consumer.module)
             if why_not:
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} {why_not}")
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label} {why_not}")
             reads[consumer.module] = reads.get(consumer.module, 0) + 1
     for module, count in reads.items():
         if len(flow.calls_of(module)) != count:
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
     return list(reads)
-
-
-def _consumers(value: Value | None, axis: int):
-    """(consumer node, channel axis at its input, value it reads), looking through layout ops."""
-    if value is None or not value.users:
-        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "its output is not used by a layer")
-    for user in value.users:
-        if is_layout_op(user) and user.outputs:
-            yield from _consumers(user.outputs[0], axis_after(user, axis))
-        else:
-            yield user, axis, value
 
 
 def _inexact_consumer(module: nn.Module) -> str:
@@ -330,16 +253,6 @@ def _inexact_consumer(module: nn.Module) -> str:
     if padding == "valid" or not any(padding):
         return ""
     return f"has zero padding {module.padding}: the shift would not apply to the padded zeros"
-
-
-def _describe(flow: Trace, node: Node) -> str:
-    if node.kind == "module":
-        return f"{node.name} ({type(node.module).__name__})"
-    if node.kind == "output":
-        return "the model's output"
-    if node.kind == "input":
-        return "the model's input"
-    return f"{node.name}()"
 
 
 def _apply(plan: FoldPlan) -> list[nn.Module]:

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs, mismatch_error, require_tensor_outputs
+from ..dataflow import Refusal, check_editable, describe, users_through
 from ..errors import PreconditionError
 from ..maths import input_shift_contribution, scale_channels_
-from ..placement import describe, is_conv1d, users_through
+from ..placement import is_conv1d
 from ..recognize import NormInfo, NormKind, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import copy_model, editable_weight, ensure_bias, foreign_hooks, shared_parameter_ids
 from ..trace import Trace, call_model, trace
-from .fold_batchnorm import Refused, check_editable
 
 _FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
 
@@ -61,8 +61,8 @@ def fold_norm_affines(
             continue
         try:
             consumers = plan_affine_fold(flow, info, shared)
-        except Refused as refusal:
-            report.skipped.append(Skip(info.path, refusal.reason, refusal.detail))
+        except Refusal as refusal:
+            report.skipped.append(refusal.skip(info.path))
             continue
         report.changes.extend(apply_affine_fold(flow, info, consumers))
     with torch.no_grad():
@@ -74,36 +74,36 @@ def fold_norm_affines(
 
 
 def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.Module]:
-    """The linear layers ``info``'s affine folds into, or :class:`Refused` with the reason."""
+    """The linear layers ``info``'s affine folds into, or :class:`~normsurgeon.dataflow.Refusal` with the reason."""
     if info.weight is None and info.bias is None:
-        raise Refused(SkipReason.NO_AFFINE, "nothing to fold")
+        raise Refusal(SkipReason.NO_AFFINE, "nothing to fold")
     if info.kind not in _FOLDABLE_KINDS or len(info.normalized_shape) != 1:
-        raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"a {info.kind.spec.title} over {info.describe_normalized()} "
+        raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"a {info.kind.spec.title} over {info.describe_normalized()} "
                       "does not scale the input features of a linear layer")
     calls = flow.calls_of(info.module)
     # Before NOT_CALLED: a norm whose weight only F.layer_norm / F.rms_norm reads did run, as a function.
     if any(flow.uses_outside(t) for t in (info.weight, info.bias) if t is not None):
-        raise Refused(SkipReason.FUNCTIONAL_USE, "its weight or bias is read by code outside it")
+        raise Refusal(SkipReason.FUNCTIONAL_USE, "its weight or bias is read by code outside it")
     if not calls:
-        raise Refused(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
+        raise Refusal(SkipReason.NOT_CALLED, "it never ran, so its dataflow is unknown")
     hooks = foreign_hooks(info.module, pre=False)
     if hooks:
-        raise Refused(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would see its output without the affine")
+        raise Refusal(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would see its output without the affine")
     reads: dict[nn.Module, int] = {}
     for call in calls:
         if not call.outputs:
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, "it returned no tensor")
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "it returned no tensor")
         for user, value in users_through(call.outputs[0]):
             if not (user.kind == "module" and _is_linear_like(user.module)):
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output also goes to {describe(user)}")
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output also goes to {describe(user)}")
             if flow.data_input(user) is not value or len(user.inputs) != 1:
-                raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads other tensors too")
+                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads other tensors too")
             reads[user.module] = reads.get(user.module, 0) + 1
     for module, count in reads.items():
         if len(flow.calls_of(module)) != count:
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
         if in_features(module) != info.num_features:
-            raise Refused(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} does not read the normalized features")
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} does not read the normalized features")
         check_editable(flow, module, shared)
     return list(reads)
 

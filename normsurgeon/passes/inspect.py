@@ -15,15 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dataflow import Refusal
 from ..placement import Where, place_norms
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Report
 from ..surgery import copy_model, shared_parameter_ids
 from ..trace import Trace, trace
 from .convert_centring import plan_centring
-from .convert_rules import NotConvertible, find_rule
-from .fold_batchnorm import Refused, _plan
+from .convert_rules import find_rule
+from .fold_batchnorm import plan_batchnorm_fold
 from .fold_norm_affine import plan_affine_fold
+from .param_groups import find_scale_invariant
 
 
 @dataclass
@@ -77,7 +79,7 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
     where = place_norms(flow, [i.module for i in recognition.norms], channel_norms=channel)
     shared = shared_parameter_ids(model)
     exact_rms = _exact_rmsnorm(flow, recognition, where, shared)
-    invariant = _scale_invariant(model, flow, report)
+    invariant = find_scale_invariant(model, flow)
     for info in recognition.norms:
         row = _row(info, where[info.module], info.path in training)
         _fold_options(flow, info, shared, row)
@@ -105,8 +107,8 @@ def _row(info: NormInfo, where: Where, training: bool) -> NormRow:
 def _fold_options(flow: Trace, info: NormInfo, shared: set[int], row: NormRow) -> None:
     if info.kind in BATCHNORM_FAMILY:
         try:
-            plan = _plan(flow, info.module, shared, False)
-        except Refused as refusal:
+            plan = plan_batchnorm_fold(flow, info.module, shared)
+        except Refusal as refusal:
             row.cannot.append(f"fold: {refusal.reason.value}" + (f": {refusal.detail}" if refusal.detail else ""))
             return
         side = "producer" if plan.into_producer else "consumer"
@@ -115,7 +117,7 @@ def _fold_options(flow: Trace, info: NormInfo, shared: set[int], row: NormRow) -
     elif info.kind in (NormKind.LAYERNORM, NormKind.RMSNORM):
         try:
             consumers = plan_affine_fold(flow, info, shared)
-        except Refused as refusal:
+        except Refusal as refusal:
             row.cannot.append(f"fold affine: {refusal.reason.value}" + (f": {refusal.detail}" if refusal.detail else ""))
             return
         targets = ", ".join(flow.module_paths[m] for m in consumers)
@@ -138,7 +140,7 @@ def _convert_options(info: NormInfo, exact_rms: dict[nn.Module, str], row: NormR
         try:
             built = rule.build(info)
             why_inexact = rule.inexact(info)
-        except NotConvertible as refusal:
+        except Refusal as refusal:
             row.cannot.append(f"convert to {name}: {refusal.detail or refusal.reason.value}")
             continue
         into = f"{type(built).__name__}"
@@ -155,7 +157,7 @@ def _exact_rmsnorm(flow: Trace, recognition: Recognition, where: dict[nn.Module,
         return {}
     try:
         plan = plan_centring(flow, recognition, lns, where, shared)
-    except Refused as refusal:
+    except Refusal as refusal:
         return {i.module: f"the residual stream cannot be centred: {refusal.detail}" for i in lns}
     result = {i.module: "" for i in plan.norms}
     result.update({i.module: detail for i, _, detail in plan.left_out})
@@ -210,15 +212,6 @@ def _stat_hazards(info: NormInfo) -> list[str]:
         found.append("running statistics were never updated (num_batches_tracked = 0"
                      + (", mean 0, var 1" if default else "") + "): recalibrate before folding or deploying")
     return found
-
-
-def _scale_invariant(model: nn.Module, flow: Trace, report: InspectReport) -> dict[str, str]:
-    try:
-        from ..param_groups import find_scale_invariant
-    except ImportError:
-        report.notes.append("weight decay on scale-invariant weights: not checked (normsurgeon.param_groups missing)")
-        return {}
-    return find_scale_invariant(model, flow)
 
 
 def _decay_hazards(info: NormInfo, invariant: dict[str, str]) -> list[str]:

@@ -23,12 +23,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..check import compare_outputs
+from ..dataflow import Refusal, producer_targets
 from ..modules import MeanOnlyBatchNorm
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import hooks_lost_by_replacing, replace_module
+from ..surgery import eval_mode, hooks_lost_by_replacing, replace_module, weight_norm_sites
 from ..trace import Trace, call_model
-from .fold_batchnorm import Refused, _producer_targets
-from .recalibrate import eval_mode
 
 _TORCH_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
@@ -68,8 +67,8 @@ def _weight_normed_producer(flow: Trace, bn: nn.Module, normed: set[nn.Module], 
         report.skipped.append(Skip(path, SkipReason.HOOKED, hooked))
         return None
     try:
-        (producer,) = _producer_targets(flow, calls)
-    except Refused as refusal:
+        (producer,) = producer_targets(flow, calls)
+    except Refusal as refusal:
         report.skipped.append(Skip(path, SkipReason.NOT_AFTER_WEIGHT_NORM, refusal.detail))
         return None
     if producer not in normed and not _has_weight_norm(producer):
@@ -80,15 +79,11 @@ def _weight_normed_producer(flow: Trace, bn: nn.Module, normed: set[nn.Module], 
 
 
 def _has_weight_norm(module: nn.Module) -> bool:
-    from .weight_norm import weight_norm_sites
-
     return any(name == "weight" for name, _, _ in weight_norm_sites(module))
 
 
 def _g_and_dim(layer: nn.Module) -> tuple[torch.Tensor, int]:
     """The layer's weight-norm g and the dim it is per (parametrization or hook API)."""
-    from .weight_norm import weight_norm_sites
-
     (_, style, dim), = [s for s in weight_norm_sites(layer) if s[0] == "weight"]
     g = layer.parametrizations.weight.original0 if style == "parametrization" else layer.weight_g
     return g, dim

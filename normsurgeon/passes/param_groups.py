@@ -27,12 +27,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from .layout import axis_after, is_layout_op
-from .modules import MeanOnlyBatchNorm
-from .passes.recalibrate import eval_mode
-from .passes.weight_norm import weight_norm_sites
-from .report import Change, Report
-from .trace import Node, Trace, Value, trace
+from ..dataflow import walk_down
+from ..modules import MeanOnlyBatchNorm
+from ..report import Change, Report
+from ..surgery import eval_mode, weight_norm_sites
+from ..trace import Node, Trace, Value, trace
 
 _NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, MeanOnlyBatchNorm)
 _CHANNEL_MEAN_NORMS = (_BatchNorm, _InstanceNorm)  # a per-channel bias before them cancels
@@ -182,24 +181,35 @@ def _into_norms(flow: Trace, call: Node, layer: nn.Module, norms: list[str]) -> 
 
 
 def _ends_in_norms(flow: Trace, value: Value, has_bias: bool, axis: int, norms: list[str]) -> bool:
-    """Every path from ``value`` reaches a scale-invariant norm through homogeneous ops only."""
+    """Every path from ``value`` reaches a scale-invariant norm through homogeneous ops only.
+
+    With a bias only axis-only layout ops may sit between (the bias must stay a per-channel
+    constant the norm removes); without one, any op with f(c·x) = c·f(x).
+    """
+    if has_bias:  # a layout op's output nobody reads is no path
+        readers = list(walk_down(value, axis=axis))
+        return bool(readers) and all(_into_norm(user, has_bias, at, norms) for user, at, _ in readers)
     if not value.users:
         return False
     for user in value.users:
-        if len(user.inputs) != 1:  # also reads another tensor (a residual add, a mask, ...)
-            return False
         if user.kind == "module" and is_norm(user.module):
-            if not _invariant_norm(user, has_bias, axis):
+            if not _into_norm(user, has_bias, axis, norms):
                 return False
-            norms.append(f"{user.name} ({type(user.module).__name__})")
-        elif has_bias and is_layout_op(user) and user.outputs:
-            if not _ends_in_norms(flow, user.outputs[0], has_bias, axis_after(user, axis), norms):
-                return False
-        elif not has_bias and _homogeneous(user) and user.outputs:
+        elif len(user.inputs) == 1 and _homogeneous(user) and user.outputs:
             if not all(_ends_in_norms(flow, out, has_bias, axis, norms) for out in user.outputs):
                 return False
         else:
             return False
+    return True
+
+
+def _into_norm(user: Node, has_bias: bool, axis: int, norms: list[str]) -> bool:
+    """``user`` is a norm that reads only this value and removes a scale (and, with a bias, the bias)."""
+    if len(user.inputs) != 1 or not (user.kind == "module" and is_norm(user.module)):
+        return False  # also reads another tensor (a residual add, a mask, ...), or is no norm
+    if not _invariant_norm(user, has_bias, axis):
+        return False
+    norms.append(f"{user.name} ({type(user.module).__name__})")
     return True
 
 
