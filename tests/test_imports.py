@@ -31,10 +31,6 @@ KNOWN = {
     "cycle: normsurgeon.cli -> normsurgeon.commands -> normsurgeon.commands.convert -> normsurgeon.cli",
     "private: normsurgeon.cli imports _cli_import_interruptible from normsurgeon",
     *(f"upward: normsurgeon.commands.{name} (commands) imports normsurgeon.cli (cli)" for name in _COMMANDS),
-    # issue 15 (io/, left to its owner): timm_models imports loading back inside a function, and
-    # pretrained_output uses huggingface's private offline switch.
-    "cycle: normsurgeon.io.loading -> normsurgeon.io.timm_models -> normsurgeon.io.loading",
-    "private: normsurgeon.io.pretrained_output imports _offline from normsurgeon.io.huggingface",
 }
 
 

@@ -73,7 +73,7 @@ def load_pretrained_dir(folder: Path) -> nn.Module:
     config = _read_config(folder)
     model_class = _model_class(transformers, config, folder)
     _check_pickled_weights(folder)
-    with _offline():
+    with offline():
         try:
             model = model_class.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers explains missing or mismatched weights in its message
@@ -130,7 +130,7 @@ def _check_pickled_weights(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _offline() -> Iterator[None]:
+def offline() -> Iterator[None]:
     """No network while transformers reads the directory (it would otherwise look up remote files)."""
     saved = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({key: "1" for key in saved})

@@ -43,7 +43,7 @@ from .pickle_safety import (
 from . import strict_unpickler
 from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
 from .pt2_safety import check_pt2_archive
-from .timm_models import is_timm_spec, load_timm
+from .timm_models import build_timm, is_timm_spec
 from .verdict import installed_packages_first
 from ..walk import refuse_unwalkable
 
@@ -85,7 +85,7 @@ def load_model(
     is refused in linear time, before anything calls ``eval()`` on it or runs it.
     """
     if is_timm_spec(path):
-        model, notes = load_timm(str(path), Path(weights) if weights is not None else None)
+        model, notes = _load_timm(str(path), Path(weights) if weights is not None else None)
         loaded = LoadedModel(model=model, source=Path(weights or str(path)[len("timm:"):]), form="timm", notes=notes)
     else:
         if weights is not None:
@@ -96,6 +96,15 @@ def load_model(
     except (AttributeError, TypeError) as exc:  # a module whose pickled state lacks what nn.Module needs
         raise LoadError(f"{loaded.source}: holds an incomplete module ({one_line(exc, 100)}); re-save the model") from exc
     return loaded
+
+
+def _load_timm(spec: str, weights: Path | None) -> tuple[nn.Module, list[str]]:
+    """Build ``timm:NAME`` and load ``weights`` (safetensors or a tensors-only state_dict) strictly."""
+    model, version = build_timm(spec)
+    if weights is None:
+        return model.eval(), [f"{spec}: no --weights given, so the weights are timm's random initialisation"]
+    load_strict(model, load_state_dict_file(weights), weights, spec)
+    return model.eval(), [f"{spec} built by timm {version}, weights from {weights}"]
 
 
 def load_state_dict_file(path: str | Path) -> Mapping[str, Any]:

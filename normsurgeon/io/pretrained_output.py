@@ -25,7 +25,7 @@ from normsurgeon.errors import OutputError
 from ..check import compare_outputs
 from ..report import Check
 from ..trace import call_model
-from .huggingface import _offline
+from .huggingface import offline
 
 
 class DoesNotRoundTrip(OutputError):
@@ -74,7 +74,7 @@ def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: tuple 
 
 
 def _reload_check(model: nn.Module, folder: Path, example_inputs: tuple | dict) -> Check:
-    with _offline():
+    with offline():
         reloaded = type(model).from_pretrained(str(folder), local_files_only=True).eval()
     reloaded.to(next(model.parameters()).device)
     with torch.no_grad():

@@ -34,18 +34,12 @@ def import_timm() -> Any:
     return timm
 
 
-def load_timm(spec: str, weights: Path | None) -> tuple[nn.Module, list[str]]:
-    """Build ``timm:NAME`` (no download) and load ``weights`` (safetensors or a weights-only .pth) strictly."""
+def build_timm(spec: str) -> tuple[nn.Module, str]:
+    """The architecture ``timm:NAME`` (no download; timm's random initialisation) and timm's version."""
     timm = import_timm()
     name = spec[len(PREFIX):]
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise LoadError(f"{spec}: timm has no model named {name!r}{hint}")
-    model = timm.create_model(name, pretrained=False)
-    if weights is None:
-        return model.eval(), [f"{spec}: no --weights given, so the weights are timm's random initialisation"]
-    from .loading import load_state_dict_file, load_strict
-
-    load_strict(model, load_state_dict_file(weights), weights, spec)
-    return model.eval(), [f"{spec} built by timm {timm.__version__}, weights from {weights}"]
+    return timm.create_model(name, pretrained=False), timm.__version__
