@@ -145,3 +145,18 @@ def test_weight_norm_gain_is_a_norm_parameter_and_direction_is_scale_invariant()
     assert "conv_pre" in pg.scale_invariant
     assert {g["name"]: g["weight_decay"] for g in pg.groups}["norm"] == 0.01
     assert pg.to_dict()["groups"][0]["params"]  # names, JSON-ready
+
+
+def test_the_result_goes_straight_into_a_torch_optimizer() -> None:
+    """As with timm's helper: AdamW(param_groups(model, 0.05)) runs a step, with each group's decay."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    groups = param_groups(model, 0.05)
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    before = model[3].weight.detach().clone()
+
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+
+    assert len(optimizer.param_groups) == len(groups)
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == sorted(g["weight_decay"] for g in groups)
+    assert not torch.equal(model[3].weight, before)

@@ -85,7 +85,8 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
         _fold_options(flow, info, shared, row)
         _convert_options(info, exact_rms, row)
         row.hazards.extend(hazards(info, training=row.training))
-        row.hazards.extend(_decay_hazards(info, invariant))
+        if row.training:  # weight decay is a training matter: no hazard for a model being deployed
+            row.hazards.extend(_decay_hazards(info, invariant))
         report.norms.append(row)
     report.unrecognized = [{"path": u.path, "class": u.class_name, "reason": u.detail} for u in recognition.unrecognized]
     _summarize(report)
@@ -219,7 +220,8 @@ def _decay_hazards(info: NormInfo, invariant: dict[str, str]) -> list[str]:
     if not layers:
         return []
     return [f"the weight of {', '.join(layers)} is scale-invariant (its output goes straight into this norm): "
-            "weight decay on it only raises the effective learning rate; exempt it (normsurgeon param-groups)"]
+            "weight decay on it only raises the effective learning rate; exempt it with "
+            "normsurgeon.param_groups(model, weight_decay, example_inputs=..., exempt_scale_invariant=True)"]
 
 
 def _summarize(report: InspectReport) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,13 +53,22 @@ _NO_INPUTS_NOTE = ("scale-invariant weights were not identified: pass example_in
 
 
 @dataclass
-class ParamGroups:
-    """Groups for ``torch.optim`` ({"params", "weight_decay", "name"}), and the scale-invariant layers."""
+class ParamGroups(Sequence):
+    """Groups for ``torch.optim`` ({"params", "weight_decay", "name"}), and the scale-invariant layers.
+
+    A sequence of the groups, so ``torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)`` works as is.
+    """
 
     groups: list[dict[str, Any]]
     scale_invariant: list[str]
     report: Report
     names: dict[str, list[str]] = field(default_factory=dict)  # group name -> parameter names
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.groups[index]
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
     def to_dict(self) -> dict[str, Any]:
         groups = [{"name": g["name"], "weight_decay": g["weight_decay"], "params": self.names[g["name"]]}

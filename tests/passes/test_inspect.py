@@ -101,6 +101,8 @@ def test_hazards_of_batchnorm():
         model[1].num_batches_tracked.fill_(10)
     (row,) = inspect_norms(model, inputs).norms
     assert any(h.startswith("running_var ≈ 0 in 1 of 4 channels") for h in row.hazards)
+    assert not any("scale-invariant" in h for h in row.hazards)  # weight decay is no hazard of a deployed model
+    assert not any("normsurgeon param-groups" in h for h in row.hazards)
     with torch.no_grad():
         model[1].running_mean[1] = float("nan")
     (row,) = inspect_norms(model, inputs).norms
