@@ -1,4 +1,4 @@
-"""Small models and helpers shared by the export and verify tests."""
+"""Small models and helpers shared by the export and verify tests (torch.onnx's shared registry: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+
+from tests.helpers import give_realistic_stats
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 NO_CUDA_REASON = (
@@ -32,13 +34,7 @@ class ConvBN(nn.Module):
 def conv_bn(seed: int = 0) -> ConvBN:
     """A deterministic eval-mode ConvBN whose BN was calibrated and given a random affine."""
     torch.manual_seed(seed)
-    model = ConvBN().train()
-    with torch.no_grad():
-        for step in range(3):
-            model(torch.randn(8, 3, 8, 8) * (1.5 + step) + 0.5)
-        model.bn.weight.uniform_(-1.5, 1.5)
-        model.bn.bias.normal_(0, 0.3)
-    return model.eval()
+    return give_realistic_stats(ConvBN(), torch.randn(8, 3, 8, 8), seed=seed)
 
 
 def image(batch: int = 2, seed: int = 1) -> tuple[torch.Tensor]:
@@ -63,36 +59,6 @@ def exported_convbn(tmp_path_factory: pytest.TempPathFactory) -> tuple[ConvBN, P
     torch.onnx.export(model, image(), dynamo=True, verbose=False).save(path)
     return model, path
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _share_the_exporters_op_registry():
-    """Build torch.onnx's ATen→ONNX registry once per opset instead of once per export (~3 s each).
-
-    The exporter only reads the registry (it is mutated only for ``custom_translation_table``,
-    which normsurgeon never passes), so sharing it changes no result, only the suite's run time.
-    """
-    try:
-        from torch.onnx._internal.exporter._registration import ONNXRegistry
-    except ImportError:  # another torch layout: run unshared
-        yield
-        return
-    original = ONNXRegistry.__dict__.get("from_torchlib")
-    if not isinstance(original, classmethod):
-        yield
-        return
-    cache: dict = {}
-
-    def from_torchlib(cls, *args, **kwargs):
-        key = (cls, args, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original.__func__(cls, *args, **kwargs)
-        return cache[key]
-
-    ONNXRegistry.from_torchlib = classmethod(from_torchlib)
-    try:
-        yield
-    finally:
-        ONNXRegistry.from_torchlib = original
 
 class Nested(nn.Module):
     """Several inputs (one int), a keyword that is None and a float baked in; nested dict/tuple outputs."""
