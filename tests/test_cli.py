@@ -1,4 +1,9 @@
-"""The command line end to end, in a subprocess, as a user runs it."""
+"""The command line end to end, as a user runs it.
+
+In this process (the ``cli`` fixture, tests/conftest.py), apart from one ``fold`` in a subprocess
+(``run_cli``: the console entry point, ``python -m normsurgeon``) and the Ctrl-C tests, which need
+a fresh interpreter (torch not imported yet).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,7 @@ import pytest
 import torch
 
 import models
-from tests.helpers import REPO, sha256
-from tests.helpers import run_cli as run
+from tests.helpers import REPO, run_cli, sha256
 
 EXAMPLE = REPO / "models" / "examples" / "resnet18.pt"
 
@@ -22,7 +26,7 @@ EXAMPLE = REPO / "models" / "examples" / "resnet18.pt"
 def test_fold_bundled_example_writes_a_checked_model(tmp_path):
     out = tmp_path / "folded.pt"
     before = sha256(EXAMPLE)
-    result = run("fold", EXAMPLE, "--input-shape", "2,3,32,32", "-o", out, "--json")
+    result = run_cli("fold", EXAMPLE, "--input-shape", "2,3,32,32", "-o", out, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["folded"]) == 20 and report["skipped"] == []
@@ -36,96 +40,96 @@ def test_fold_bundled_example_writes_a_checked_model(tmp_path):
         torch.testing.assert_close(folded(x), models.build("resnet18")(x), rtol=1e-4, atol=1e-4)
 
 
-def test_fold_human_report_names_pairs_and_the_check(tmp_path):
-    result = run("fold", EXAMPLE, "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt")
+def test_fold_human_report_names_pairs_and_the_check(tmp_path, cli):
+    result = cli("fold", EXAMPLE, "--input-shape", "1,3,32,32", "-o", tmp_path / "f.pt")
     assert result.returncode == 0, result.stderr
     assert "layers.0.bn1" in result.stdout and "into its producer" in result.stdout
     assert "check: folded vs original" in result.stdout and "pass" in result.stdout
 
 
-def test_fold_default_output_beside_input_and_no_overwrite_without_force(tmp_path):
+def test_fold_default_output_beside_input_and_no_overwrite_without_force(tmp_path, cli):
     source = tmp_path / "net.pt"
     source.write_bytes(EXAMPLE.read_bytes())
-    assert run("fold", source, "--input-shape", "1,3,32,32").returncode == 0
+    assert cli("fold", source, "--input-shape", "1,3,32,32").returncode == 0
     target = tmp_path / "net.folded.pt"
     assert target.exists()
     first = sha256(target)
-    again = run("fold", source, "--input-shape", "1,3,32,32")
+    again = cli("fold", source, "--input-shape", "1,3,32,32")
     assert again.returncode == 8 and "exists; pass --force" in again.stderr
     assert sha256(target) == first
-    assert run("fold", source, "--input-shape", "1,3,32,32", "--force").returncode == 0
+    assert cli("fold", source, "--input-shape", "1,3,32,32", "--force").returncode == 0
 
 
-def test_fold_refuses_to_overwrite_its_input(tmp_path):
+def test_fold_refuses_to_overwrite_its_input(tmp_path, cli):
     source = tmp_path / "net.pt"
     source.write_bytes(EXAMPLE.read_bytes())
     before = sha256(source)
-    result = run("fold", source, "--input-shape", "1,3,32,32", "-o", source, "--force")
+    result = cli("fold", source, "--input-shape", "1,3,32,32", "-o", source, "--force")
     assert result.returncode == 8 and "input" in result.stderr
     assert sha256(source) == before
 
 
-def test_fold_infers_image_input_and_says_so(tmp_path):
-    result = run("fold", EXAMPLE, "-o", tmp_path / "f.pt", "--json")
+def test_fold_infers_image_input_and_says_so(tmp_path, cli):
+    result = cli("fold", EXAMPLE, "-o", tmp_path / "f.pt", "--json")
     assert result.returncode == 0, result.stderr
     notes = " ".join(json.loads(result.stdout)["notes"])
     assert "assumed one random input of shape 1,3,224,224" in notes
 
 
-def test_fold_without_inputs_where_ambiguous_asks_for_them(tmp_path):
+def test_fold_without_inputs_where_ambiguous_asks_for_them(tmp_path, cli):
     path = tmp_path / "lm.pt"
     torch.save(models.build("prenorm_transformer"), path)
-    result = run("fold", path, "-o", tmp_path / "out.pt")
+    result = cli("fold", path, "-o", tmp_path / "out.pt")
     assert result.returncode == 2
     assert "cannot infer example inputs" in result.stderr and "--input-shape" in result.stderr
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_fold_token_model_with_integer_input_shape(tmp_path):
+def test_fold_token_model_with_integer_input_shape(tmp_path, cli):
     path = tmp_path / "lm.pt"
     torch.save(models.build("prenorm_transformer"), path)
-    result = run("fold", path, "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
+    result = cli("fold", path, "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["folded"] == []
 
 
-def test_fold_with_inputs_file(tmp_path):
+def test_fold_with_inputs_file(tmp_path, cli):
     inputs = tmp_path / "inputs.pt"
     torch.save(models.example_inputs("resnet18", 2), inputs)
-    result = run("fold", EXAMPLE, "--inputs", inputs, "-o", tmp_path / "f.pt", "--json")
+    result = cli("fold", EXAMPLE, "--inputs", inputs, "-o", tmp_path / "f.pt", "--json")
     assert result.returncode == 0, result.stderr
     assert "inputs from" in " ".join(json.loads(result.stdout)["notes"])
 
 
-def test_fold_model_saved_in_training_mode(tmp_path):
+def test_fold_model_saved_in_training_mode(tmp_path, cli):
     path = tmp_path / "train.pt"
     torch.save(models.build("mlp").train(), path)
-    refused = run("fold", path, "-o", tmp_path / "out.pt")
+    refused = cli("fold", path, "-o", tmp_path / "out.pt")
     assert refused.returncode == 5 and "--eval" in refused.stderr
-    accepted = run("fold", path, "--eval", "-o", tmp_path / "out.pt")
+    accepted = cli("fold", path, "--eval", "-o", tmp_path / "out.pt")
     assert accepted.returncode == 0, accepted.stderr
 
 
-def test_fold_state_dict_with_factory_outputs_a_module(tmp_path):
+def test_fold_state_dict_with_factory_outputs_a_module(tmp_path, cli):
     (tmp_path / "arch.py").write_text(
         "import models\n\ndef make():\n    return models.build('mlp')\n"
     )
     state = tmp_path / "weights.pth"
     torch.save(models.build("mlp").state_dict(), state)
-    result = run("fold", state, "--factory", "arch:make", "--import-path", tmp_path, "--json")
+    result = cli("fold", state, "--factory", "arch:make", "--import-path", tmp_path, "--json")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "weights.folded.pth"
     assert isinstance(torch.load(out, weights_only=False), torch.nn.Module)
-    missing = run("fold", state, "-o", tmp_path / "x.pt")
+    missing = cli("fold", state, "-o", tmp_path / "x.pt")
     assert missing.returncode == 2 and "--factory" in missing.stderr
 
 
-def test_fold_exported_program_in_its_graph(tmp_path):
+def test_fold_exported_program_in_its_graph(tmp_path, cli):
     path = tmp_path / "m.pt2"
     model = models.build("convtranspose_decoder")
     inputs = models.example_inputs("convtranspose_decoder", 2)
     torch.export.save(torch.export.export(model, inputs), path)
-    result = run("fold", path, "--json")
+    result = cli("fold", path, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["folded"]) == 3 and report["check"]["passed"]
@@ -136,8 +140,8 @@ def test_fold_exported_program_in_its_graph(tmp_path):
         torch.testing.assert_close(folded.module()(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
 
 
-def test_missing_model_file_is_a_load_error(tmp_path):
-    result = run("fold", tmp_path / "nope.pt")
+def test_missing_model_file_is_a_load_error(tmp_path, cli):
+    result = cli("fold", tmp_path / "nope.pt")
     assert result.returncode == 3 and "nope.pt" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -150,28 +154,28 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_malicious_pickle_is_refused_without_side_effect(tmp_path):
+def test_malicious_pickle_is_refused_without_side_effect(tmp_path, cli):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil(marker)}, path)
-    result = run("fold", path)
+    result = cli("fold", path)
     assert result.returncode == 4
     assert "system" in result.stderr and "--trust-pickle" in result.stderr
     assert not marker.exists()
 
 
-def test_help_lists_commands_and_fold_options():
-    top = run("--help")
+def test_help_lists_commands_and_fold_options(cli):
+    top = cli("--help")
     assert top.returncode == 0 and "fold" in top.stdout
-    fold_help = run("fold", "--help")
+    fold_help = cli("fold", "--help")
     for option in ("--input-shape", "--inputs", "--factory", "--trust-pickle", "--force", "--json", "--eval"):
         assert option in fold_help.stdout
 
 
-def test_fold_affine_leaves_parameter_free_norms(tmp_path):
+def test_fold_affine_leaves_parameter_free_norms(tmp_path, cli):
     path = tmp_path / "llama.pt"
     torch.save(models.build("llama"), path)
-    result = run("fold", path, "--affine", "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
+    result = cli("fold", path, "--affine", "--input-shape", "2,8:int64", "-o", tmp_path / "out.pt", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     affine = [c for c in report["changes"] if c["action"] == "folded-affine"]

@@ -1,4 +1,5 @@
-"""``normsurgeon convert``: the click command (CliRunner) and, once registered, the real CLI in a subprocess.
+"""``normsurgeon convert``: the click command and the CLI in this process (CliRunner), and once the real
+CLI in a subprocess.
 
 Bad input (an unknown kind, an inexact conversion without --approximate, a look-alike norm) gives a
 clear error, a non-zero exit and no output file.
@@ -7,8 +8,6 @@ clear error, a non-zero exit and no output file.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from torch import nn
 import models
 import normsurgeon.cli  # noqa: F401  (imports the commands package in the right order)
 from normsurgeon.commands.convert import convert
+from tests.helpers import run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 registered = pytest.mark.skipif("convert" not in normsurgeon.cli.main.commands,
                                 reason="`convert` is not registered in normsurgeon/commands/__init__.py yet")
 LOOKALIKE = '''
@@ -39,12 +38,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return self.weight * x / (x.abs().mean(-1, keepdim=True) + self.eps)
 '''
-
-
-def run(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 def _invoke(*args: object):
@@ -110,7 +103,7 @@ def _lookalike_model(tmp_path: Path) -> Path:
     return tmp_path / "fake.pt"
 
 
-def test_a_look_alike_norm_is_a_clear_error(tmp_path):
+def test_a_look_alike_norm_is_a_clear_error(tmp_path, forget_new_modules):
     source = _lookalike_model(tmp_path)
     result = _invoke(source, "--to", "native", "--input-shape", "2,4", "--import-path", tmp_path)
     assert result.exit_code == 5
@@ -119,14 +112,18 @@ def test_a_look_alike_norm_is_a_clear_error(tmp_path):
 
 
 @registered
-@pytest.mark.slow
-def test_cli_subprocess_errors_and_success(tmp_path):
+def test_cli_errors_are_one_line_on_stderr_and_write_nothing(tmp_path, cli):
     source = _saved(tmp_path, "postnorm_transformer")
-    refused = run("convert", source, "--to", "rmsnorm", "--input-shape", "1,16:int64")
+    refused = cli("convert", source, "--to", "rmsnorm", "--input-shape", "1,16:int64")
     assert refused.returncode == 2 and "post-norm" in refused.stderr and "--approximate" in refused.stderr
-    unknown = run("convert", source, "--to", "foo", "--input-shape", "1,16:int64")
+    unknown = cli("convert", source, "--to", "foo", "--input-shape", "1,16:int64")
     assert unknown.returncode == 2 and "valid kinds" in unknown.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["postnorm_transformer.pt"]
-    done = run("convert", _saved(tmp_path, "llama"), "--to", "native", "--input-shape", "1,16:int64", "--json")
+
+
+@registered
+@pytest.mark.slow
+def test_cli_subprocess_success(tmp_path):
+    done = run_cli("convert", _saved(tmp_path, "llama"), "--to", "native", "--input-shape", "1,16:int64", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["check"]["passed"] and (tmp_path / "llama.converted.pt").exists()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +13,10 @@ from torch import nn
 import models
 import normsurgeon.cli  # noqa: F401  (imports the commands package in the right order)
 from normsurgeon.commands.inspect import inspect
+from tests.helpers import run_cli, sha256
 
-REPO = Path(__file__).resolve().parents[2]
 registered = pytest.mark.skipif("inspect" not in normsurgeon.cli.main.commands,
                                 reason="`inspect` is not registered in normsurgeon/commands/__init__.py yet")
-
-
-def run(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "normsurgeon", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +59,7 @@ def test_human_table_names_norms_options_and_hazards(tmp_path):
 @registered
 @pytest.mark.slow
 def test_cli_subprocess_inspect_json(transformers_files):
-    result = run("inspect", transformers_files["prenorm_transformer"], "--input-shape", "1,16:int64", "--json")
+    result = run_cli("inspect", transformers_files["prenorm_transformer"], "--input-shape", "1,16:int64", "--json")
     assert result.returncode == 0, result.stderr
     placements = {n["path"]: n["placement"] for n in json.loads(result.stdout)["norms"]}
     assert placements["blocks.0.ln1"] == "pre-norm" and placements["ln_f"] == "final-norm"

@@ -1,4 +1,4 @@
-"""``normsurgeon recalibrate`` end to end, in a subprocess, as a user runs it."""
+"""``normsurgeon recalibrate`` end to end, as a user runs it: in this process (``cli``), and once in a subprocess."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 
 import models
 from models.mlp import mlp_inputs
-from tests.helpers import run_cli as run
-from tests.helpers import sha256
+from tests.helpers import run_cli, sha256
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +30,7 @@ def test_recalibrate_with_a_pt_data_file_writes_the_recalibrated_model(tmp_path,
     generator = torch.Generator().manual_seed(0)
     data = tmp_path / "calib.pt"
     torch.save([mlp_inputs(64, generator)[0] for _ in range(5)], data)
-    result = run("recalibrate", corrupted_mlp, "--data", data, "--json")
+    result = run_cli("recalibrate", corrupted_mlp, "--data", data, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and [c["module"] for c in report["changes"]] == ["bn1", "bn2"]
@@ -41,21 +40,21 @@ def test_recalibrate_with_a_pt_data_file_writes_the_recalibrated_model(tmp_path,
     assert not model.training and model.bn1.momentum == 0.1
 
 
-def test_data_shape_mismatch_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp):
+def test_data_shape_mismatch_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp, cli):
     data = tmp_path / "wrong.pt"
     torch.save(torch.randn(8, 5), data)
     before = sha256(corrupted_mlp)
-    result = run("recalibrate", corrupted_mlp, "--data", data)
+    result = cli("recalibrate", corrupted_mlp, "--data", data)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "batch of shape (8, 5)" in result.stderr and "Linear expects (..., 32)" in result.stderr
     assert not (tmp_path / "mlp.recalibrated.pt").exists() and sha256(corrupted_mlp) == before
 
 
-def test_empty_data_folder_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp):
+def test_empty_data_folder_is_a_clear_error_and_nothing_is_written(tmp_path, corrupted_mlp, cli):
     folder = tmp_path / "calib"
     folder.mkdir()
-    result = run("recalibrate", corrupted_mlp, "--data", folder)
+    result = cli("recalibrate", corrupted_mlp, "--data", folder)
     assert result.returncode == 3
     assert result.stderr.strip().count("\n") == 0 and "holds no data files" in result.stderr
     assert not (tmp_path / "mlp.recalibrated.pt").exists()

@@ -1,4 +1,5 @@
-"""``normsurgeon weightnorm apply|remove`` end to end, in a subprocess, as a user runs it."""
+"""``normsurgeon weightnorm apply|remove`` end to end, as a user runs it: in this process (``cli``), and
+once each in a subprocess."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import torch
 import models
 from models.hifigan import Generator
 from normsurgeon.passes.weight_norm import apply_weight_norm
-from tests.helpers import run_cli as run
-from tests.helpers import sha256
+from tests.helpers import run_cli, sha256
 
 pytestmark = pytest.mark.slow
 MEL = models.example_inputs("hifigan", 2)
@@ -22,12 +22,12 @@ def _out(model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         return model(*inputs)
 
 
-def test_remove_on_a_bare_state_dict_writes_plain_keys(tmp_path):
+def test_remove_on_a_bare_state_dict_writes_plain_keys(tmp_path, cli):
     source = models.build("hifigan")
     checkpoint = tmp_path / "generator.pt"
     torch.save(source.state_dict(), checkpoint)
     before = sha256(checkpoint)
-    result = run("weightnorm", "remove", checkpoint, "--json")
+    result = cli("weightnorm", "remove", checkpoint, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["passed"] and report["output_form"] == "state_dict" and len(report["changes"]) == 20
@@ -44,8 +44,8 @@ def test_remove_on_a_state_dict_with_factory_writes_a_plain_picklable_module(tmp
     source = models.build("hifigan")
     torch.save(source.state_dict(), tmp_path / "ckpt.pt")
     out = tmp_path / "plain.pt"
-    result = run("weightnorm", "remove", "ckpt.pt", "--factory", "vocoder:build", "--input-shape", "1,8,16",
-                 "-o", out, cwd=tmp_path)
+    result = run_cli("weightnorm", "remove", "ckpt.pt", "--factory", "vocoder:build", "--input-shape", "1,8,16",
+                     "-o", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "check: without weight norm vs with" in result.stdout and "pass" in result.stdout
     model = torch.load(out, weights_only=False)
@@ -53,11 +53,11 @@ def test_remove_on_a_state_dict_with_factory_writes_a_plain_picklable_module(tmp
     torch.testing.assert_close(_out(model, *MEL), _out(source, *MEL), rtol=1e-5, atol=1e-6)
 
 
-def test_remove_on_a_pickled_hook_api_model(tmp_path):
+def test_remove_on_a_pickled_hook_api_model(tmp_path, cli):
     source = models.build("hifigan_legacy")
     path = tmp_path / "legacy.pt"
     torch.save(source, path)
-    result = run("weightnorm", "remove", path, "--input-shape", "1,8,16", "--json")
+    result = cli("weightnorm", "remove", path, "--input-shape", "1,8,16", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["check"]["passed"]
     model = torch.load(tmp_path / "legacy.plain.pt", weights_only=False)
@@ -69,7 +69,7 @@ def test_apply_writes_a_state_dict_that_loads_as_the_report_says(tmp_path):
     source = models.build("mlp")
     path = tmp_path / "mlp.pt"
     torch.save(source, path)
-    result = run("weightnorm", "apply", path, "--input-shape", "4,32")
+    result = run_cli("weightnorm", "apply", path, "--input-shape", "4,32")
     assert result.returncode == 0, result.stderr
     assert "load_state_dict" in result.stdout and "state_dict" in result.stdout
     state_dict = torch.load(tmp_path / "mlp.weightnorm.pt")
@@ -81,11 +81,11 @@ def test_apply_writes_a_state_dict_that_loads_as_the_report_says(tmp_path):
     torch.testing.assert_close(_out(model, *x), _out(source, *x), rtol=1e-5, atol=1e-6)
 
 
-def test_unsupported_layer_type_is_a_one_line_error_and_nothing_is_written(tmp_path):
+def test_unsupported_layer_type_is_a_one_line_error_and_nothing_is_written(tmp_path, cli):
     path = tmp_path / "mlp.pt"
     torch.save(models.build("mlp"), path)
     before = sha256(path)
-    result = run("weightnorm", "apply", path, "--layer-type", "Embedding")
+    result = cli("weightnorm", "apply", path, "--layer-type", "Embedding")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: weight norm is not supported on Embedding")
