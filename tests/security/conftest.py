@@ -85,3 +85,20 @@ def cli_refused(*args: object, exit_code: int) -> str:
     assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
     assert elapsed < TIME_LIMIT_S, f"took {elapsed:.1f} s to refuse"
     return errors[0]
+
+
+def mutate(data: bytes, edits: list[tuple[str, float, int]]) -> bytes:
+    """Apply fuzz edits (flip / insert / delete a byte at a relative position, or truncate) to ``data``."""
+    for op, where, byte in edits:
+        if not data:
+            break
+        i = int(where * len(data))
+        if op == "flip":
+            data = data[:i] + bytes([data[i] ^ (byte or 1)]) + data[i + 1:]
+        elif op == "insert":
+            data = data[:i] + bytes([byte]) + data[i:]
+        elif op == "delete":
+            data = data[:i] + data[i + 1:]
+        else:
+            data = data[:max(i, 1)]
+    return data

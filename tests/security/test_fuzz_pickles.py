@@ -16,29 +16,13 @@ from torch import nn
 from normsurgeon.errors import LoadError
 from normsurgeon.io.loading import load_model
 
-from .conftest import TIME_LIMIT_S
+from .conftest import TIME_LIMIT_S, mutate
 
 MODEL = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
 CLASSES = {type(m) for m in MODEL.modules()}
 
 mutation = st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]), st.floats(0, 1, exclude_max=True),
                      st.integers(0, 255))
-
-
-def mutate(data: bytes, edits: list[tuple[str, float, int]]) -> bytes:
-    for op, where, byte in edits:
-        if not data:
-            break
-        i = int(where * len(data))
-        if op == "flip":
-            data = data[:i] + bytes([data[i] ^ (byte or 1)]) + data[i + 1:]
-        elif op == "insert":
-            data = data[:i] + bytes([byte]) + data[i:]
-        elif op == "delete":
-            data = data[:i] + data[i + 1:]
-        else:
-            data = data[:max(i, 1)]
-    return data
 
 
 class Originals(dict):

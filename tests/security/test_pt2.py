@@ -32,7 +32,7 @@ from normsurgeon.errors import LoadError, UnsafePickleError
 from normsurgeon.io.loading import load_model
 from normsurgeon.io.pt2_ops import ATEN_OVERLOADS
 
-from .conftest import TIME_LIMIT_S, Sandbox, cli_refused, refused
+from .conftest import TIME_LIMIT_S, Sandbox, cli_refused, mutate, refused
 
 INPUT_SHAPE = "2,3,8,8"
 
@@ -502,22 +502,6 @@ def test_clean_archives_load_and_run(clean: dict[str, Path]) -> None:
 # --------------------------------------------------------------------------- fuzz
 
 
-def _mutate(data: bytes, edits: list[tuple[str, float, int]]) -> bytes:
-    for op, where, byte in edits:
-        if not data:
-            break
-        i = int(where * len(data))
-        if op == "flip":
-            data = data[:i] + bytes([data[i] ^ (byte or 1)]) + data[i + 1:]
-        elif op == "insert":
-            data = data[:i] + bytes([byte]) + data[i:]
-        elif op == "delete":
-            data = data[:i] + data[i + 1:]
-        else:
-            data = data[:max(i, 1)]
-    return data
-
-
 _byte_edits = st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "truncate"]),
                                  st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=3)
 _mutations = st.one_of(
@@ -538,7 +522,7 @@ def _apply(original: Path, mutation: tuple, path: Path) -> None:
     with zipfile.ZipFile(original) as zin:
         chosen = zin.infolist()[int(where * len(zin.infolist()))].filename.split("/", 1)[1]
     if kind == "member":
-        rewrite(original, path, lambda n, d: _mutate(d, how) if n == chosen else d)
+        rewrite(original, path, lambda n, d: mutate(d, how) if n == chosen else d)
     else:
         data = zipfile.ZipFile(original).read(f"net/{chosen}")
         rewrite(original, path, lambda n, d: None if n == chosen else d, extra={how: data})
