@@ -140,7 +140,7 @@ def _save_directory(report: Report, inputs: ExampleInputs, out_dir: Path, defaul
     except DoesNotRoundTrip as refusal:
         if explicit:
             raise
-        report.notes.append(f"wrote {default} instead of a save_pretrained directory: " + str(refusal).split(": ", 1)[1])
+        report.notes.append(f"wrote {default} instead of a save_pretrained directory: {refusal.why}")
         save_module(report.model, check_output_path(default, force=force, protect=protect), force=force,
                     protect=protect)
         return default

@@ -35,17 +35,18 @@ from .pickle_safety import (
     TRUST_FLAG,
     check_file,
     check_pickle,
-    refuse_zip_bombs,
     listing,
     one_line,
+    refuse_zip_bombs,
     scan_pickle_globals,
 )
 from . import strict_unpickler
 from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
 from .pt2_safety import check_pt2_archive
+from .timm_models import PREFIX as TIMM_PREFIX
 from .timm_models import build_timm, is_timm_spec
 from .verdict import installed_packages_first
-from ..walk import refuse_unwalkable
+from ..walk import iter_leaves, refuse_unwalkable
 
 __all__ = ["TRUST_FLAG", "LoadedModel", "import_callable", "load_model", "load_tensors", "scan_pickle_globals"]
 
@@ -86,7 +87,7 @@ def load_model(
     """
     if is_timm_spec(path):
         model, notes = _load_timm(str(path), Path(weights) if weights is not None else None)
-        loaded = LoadedModel(model=model, source=Path(weights or str(path)[len("timm:"):]), form="timm", notes=notes)
+        loaded = LoadedModel(model=model, source=Path(weights or str(path)[len(TIMM_PREFIX):]), form="timm", notes=notes)
     else:
         if weights is not None:
             raise UsageError("--weights goes with MODEL timm:NAME; for a state_dict file use MODEL FILE --factory")
@@ -123,11 +124,12 @@ def _load(path: Path, *, factory: str | None, trust_pickle: bool, import_paths: 
     if folder is not None and factory is None:
         return LoadedModel(model=load_pretrained_dir(folder), source=folder, form="pretrained_dir")
     check_file(path)
-    notes = [_trust_note()] if trust_pickle else []
-    if is_safetensors(path):
+    if is_safetensors(path):  # tensors only: nothing to trust
+        notes: list[str] = []
         with _import_paths(import_paths):
             model, form = _interpret(load_safetensors(path), path, factory, import_paths, notes)
-        return LoadedModel(model=model, source=path, form=form, notes=[])
+        return LoadedModel(model=model, source=path, form=form, notes=notes)
+    notes = [_trust_note()] if trust_pickle else []
     kind = _sniff(path)
     with _import_paths(import_paths):
         if kind == "pt2":
@@ -425,20 +427,8 @@ def _describe(obj: Any) -> str:
 
 
 def _contains_tensor(obj: Any) -> bool:
-    """Whether a loaded object holds a tensor anywhere; iterative, each container visited once."""
-    stack, seen = [obj], set()
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            return True
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-    return False
+    """Whether a loaded object holds a tensor anywhere (walk.iter_leaves: iterative, each container once)."""
+    return any(isinstance(leaf, torch.Tensor) for leaf in iter_leaves(obj))
 
 
 # --------------------------------------------------------------------------- .pt2

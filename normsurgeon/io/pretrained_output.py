@@ -29,7 +29,12 @@ from .huggingface import offline
 
 
 class DoesNotRoundTrip(OutputError):
-    """A save_pretrained directory of this model would not reload as the same model."""
+    """A save_pretrained directory of this model would not reload as the same model (``why`` says how)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"not writing {path}: {why}; write a file instead, e.g. -o {path.with_suffix('.pt')} "
+                         "or export it to .onnx")
+        self.why = why
 
 
 def wants_directory(output: Path | None, loaded_form: str) -> bool:
@@ -61,12 +66,10 @@ def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: tuple 
         model.save_pretrained(staging)
         check = _reload_check(model, staging, example_inputs)
         if not check.passed:
-            raise DoesNotRoundTrip(
-                f"not writing {path}: a save_pretrained directory of the changed model reloads different "
-                f"(by {check.max_abs_diff:.3g}: {type(model).__name__} cannot hold what the surgery changed, e.g. a "
-                "bias a fold gave a conv built without one); write a file instead, e.g. -o "
-                f"{path.with_suffix('.pt')} or export it to .onnx"
-            )
+            raise DoesNotRoundTrip(path, (
+                f"a save_pretrained directory of the changed model reloads different (by {check.max_abs_diff:.3g}: "
+                f"{type(model).__name__} cannot hold what the surgery changed, e.g. a bias a fold gave a conv built "
+                "without one)"))
         _put_in_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -208,12 +208,10 @@ class StrictUnpickler:
             return
         if not (isinstance(pid, tuple) and pid and _ascii(pid[0]) == "storage"):
             raise Refused(f"persistent id {_short(pid)} is not a tensor storage")
-        if len(pid) == 5:  # zip format: storage, type, key, location, numel
-            storage_type, key, numel = pid[1], pid[2], pid[4]
-        elif len(pid) == 6:  # legacy format: storage, type, root key, location, numel, view
-            storage_type, key, numel = pid[1], pid[2], pid[4]
-        else:
+        # zip format: (storage, type, key, location, numel); legacy: the same and the view metadata
+        if len(pid) not in (5, 6):
             raise Refused(f"persistent id {_short(pid)} is not a tensor storage")
+        storage_type, key, numel = pid[1], pid[2], pid[4]
         if not isinstance(numel, int) or numel < 0:
             raise Refused(f"storage {key!r} claims {numel!r} elements")
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)

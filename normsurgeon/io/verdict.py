@@ -66,8 +66,23 @@ def classify(refs: Iterable[tuple[str, str]], *, allow_classes: bool,
     ``allow_classes=False`` (tensor files, .pt2 members) accepts only torch's weights-only
     allowlist. Nothing is imported unless every reference passed the static stage.
     """
-    verdict = Verdict()
-    pending: list[_Pending] = []
+    verdict, pending = _static_stage(refs, allow_classes, user_paths)
+    if verdict.refused or verdict.missing or not pending:
+        return verdict
+    _import_and_judge(pending, verdict, user_paths)
+    return verdict
+
+
+def statically_a_model(refs: Iterable[tuple[str, str]], user_paths: Sequence[str | Path] = ()) -> bool:
+    """True when the static stage alone would accept ``refs`` as a model file (imports nothing)."""
+    verdict, _ = _static_stage(refs, True, user_paths)
+    return not verdict.refused and not verdict.missing
+
+
+def _static_stage(refs: Iterable[tuple[str, str]], allow_classes: bool,
+                  user_paths: Sequence[str | Path]) -> tuple[Verdict, list[_Pending]]:
+    """Stage 1 over every reference: accepted, refused or missing now, or pending the import stage."""
+    verdict, pending = Verdict(), []
     allowed = torch_allowed_globals()
     for module, name in refs:
         key = f"{module}.{name}"
@@ -77,20 +92,7 @@ def classify(refs: Iterable[tuple[str, str]], *, allow_classes: bool,
             verdict.refused.append(display(module, name))
         else:
             _judge_statically(module, name, verdict, pending, user_paths)
-    if verdict.refused or verdict.missing or not pending:
-        return verdict
-    _import_and_judge(pending, verdict, user_paths)
-    return verdict
-
-
-def statically_a_model(refs: Iterable[tuple[str, str]], user_paths: Sequence[str | Path] = ()) -> bool:
-    """True when the static stage alone would accept ``refs`` as a model file (imports nothing)."""
-    verdict, pending = Verdict(), []
-    allowed = torch_allowed_globals()
-    for module, name in refs:
-        if f"{module}.{name}" not in allowed:
-            _judge_statically(module, name, verdict, pending, user_paths)
-    return not verdict.refused and not verdict.missing
+    return verdict, pending
 
 
 # --------------------------------------------------------------------------- stage 1: by name and source
