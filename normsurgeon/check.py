@@ -8,6 +8,8 @@ flattened into named tensors and compared one by one. Float outputs pass when
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -124,8 +126,8 @@ def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs
             exact = dict(flatten_outputs(call_model(model, example_inputs)))
     except Exception:  # an op that cannot take float64 (or bypasses torch functions): noise unknown
         return None
-    diffs = [(t.double() - exact[name].double()).abs().max().item() for name, t in flatten_outputs(outputs)
-             if t.is_floating_point() and name in exact and t.numel()]
+    diffs = [_max_abs_difference(t, exact[name]) for name, t in flatten_outputs(outputs)
+             if t.is_floating_point() and name in exact and t.numel() and exact[name].shape == t.shape]
     return max(diffs, default=None)
 
 
@@ -133,7 +135,8 @@ class Float64Mode(TorchFunctionMode):
     """Run every torch function in float64: float inputs are converted per call, float results too.
 
     Parameters stay as they are; a conv or linear converts its own weight for its one call, a
-    large one block of output channels at a time (:func:`_layer_in_blocks`). Casts back to a
+    large one block of output channels at a time (:func:`_layer_in_blocks`); an embedding looks up
+    its rows first and converts only those (a lookup is exact in any dtype). Casts back to a
     narrower float (``x.float()``, ``x.to(self.weight.dtype)``, ``torch.ones(..., dtype=float32)``)
     are widened to float64, so no step rounds to float32. The ``self`` of an in-place op is left
     alone, so the op still writes to the tensor the model holds. Metadata reads (``x.shape``,
@@ -151,6 +154,8 @@ class Float64Mode(TorchFunctionMode):
             result = _layer_in_blocks(func, name, args, kwargs)
             if result is not None:
                 return result
+        if name == "embedding" and not _renormalizes(func, args, kwargs):
+            return map_leaves(_widen, func(*args, **kwargs))
         if _is_inplace(name) and args:
             args = (args[0], *map_leaves(_widen, args[1:]))
         else:
@@ -201,6 +206,21 @@ def _layer_in_blocks(func: Any, name: str, args: tuple, kwargs: dict) -> torch.T
     return out
 
 
+_EMBEDDING_PARAMS = ("input", "weight", "padding_idx", "max_norm")
+
+
+def _renormalizes(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether an embedding call rescales the rows it reads (``max_norm``): then the float64 run widens it whole.
+
+    Without ``max_norm`` a lookup only selects rows, so looking them up in the table's own dtype and
+    widening the result is exact, and never holds a float64 copy of the table (Llama-2-7B's
+    32000 x 4096 table: 0.5 GB in float32, 1 GB more in float64). ``torch.embedding`` has no ``max_norm``.
+    """
+    if func is not torch.nn.functional.embedding:
+        return False
+    return dict(zip(_EMBEDDING_PARAMS, args), **kwargs).get("max_norm") is not None
+
+
 def _is_inplace(name: str) -> bool:
     return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
 
@@ -214,6 +234,12 @@ def _widen(value: Any) -> Any:
     return value
 
 
+# Outputs are compared this many elements at a time, in float64: 2 MiB per operand, whatever the
+# output's size. A whole-tensor float64 comparison with boolean-indexed finite masks held ~57 bytes
+# per output element (3.6 GB for a 2048-token, 32000-word Llama's logits).
+_CHUNK_ELEMENTS = 1 << 18
+
+
 def _diff(name: str, ref: torch.Tensor, new: torch.Tensor | None, atol: float, rtol: float) -> OutputDiff:
     nan = float("nan")
     if new is None:
@@ -221,27 +247,99 @@ def _diff(name: str, ref: torch.Tensor, new: torch.Tensor | None, atol: float, r
     if tuple(new.shape) != tuple(ref.shape):
         return OutputDiff(name, nan, nan, nan, False, f"shape {tuple(new.shape)} != {tuple(ref.shape)}")
     if not ref.is_floating_point() and not ref.is_complex():
-        equal = bool(torch.equal(ref.cpu(), new.cpu().to(ref.dtype)))
+        equal = all(torch.equal(a, b.to(a.dtype)) for a, b in _chunks(ref, new))
         mismatches = 0.0 if equal else 1.0
         return OutputDiff(name, mismatches, mismatches, 1.0 if equal else 0.0, equal, "" if equal else "values differ")
-    a = ref.detach().cpu().double()
-    b = new.detach().cpu().double()
-    finite_ref = torch.isfinite(a)
-    if not torch.equal(finite_ref, torch.isfinite(b)) or not torch.equal(
-        _nonfinite_code(a[~finite_ref]), _nonfinite_code(b[~finite_ref])
-    ):
+    sums = _Sums()
+    if not all(sums.add(a, b) for a, b in _float64_chunks(ref, new)):
         return OutputDiff(name, float("inf"), float("inf"), nan, False, "NaN/inf in different places")
-    a, b = a[finite_ref], b[finite_ref]
-    if a.numel() == 0:
-        return OutputDiff(name, 0.0, 0.0, 1.0, True)
-    max_abs = (a - b).abs().max().item()
-    scale = a.abs().max().item()
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=1e-30).item()
-    if scale == 0 and b.abs().max().item() == 0:
-        cosine = 1.0
-    passed = max_abs <= atol + rtol * scale
-    return OutputDiff(name, max_abs, max_rel, cosine, passed)
+    return sums.verdict(name, atol, rtol)
+
+
+@dataclasses.dataclass
+class _Sums:
+    """Maxima and dot products over the finite elements of two outputs, accumulated one chunk at a time."""
+
+    max_abs: float = 0.0  # max |ref - new|
+    ref_max: float = 0.0  # max |ref|, the tolerance's scale
+    new_max: float = 0.0
+    dot: float = 0.0
+    ref_squares: float = 0.0
+    new_squares: float = 0.0
+    any_finite: bool = False
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Add one pair of float64 chunks; False when their NaN/inf are in different places (or of another kind).
+
+        The finite mask is built only for a chunk that holds a NaN or inf (its max |x| is not
+        finite); non-finite elements then count as 0, which changes no maximum or dot product.
+        """
+        a_max, b_max = _max_abs(a), _max_abs(b)
+        if math.isfinite(a_max) and math.isfinite(b_max):
+            self.any_finite = True
+        else:
+            finite = torch.isfinite(a)
+            if not _same_nonfinite(a, b, finite):
+                return False
+            a, b = a.where(finite, 0.0), b.where(finite, 0.0)
+            a_max, b_max = _max_abs(a), _max_abs(b)
+            self.any_finite = self.any_finite or bool(finite.any())
+        self.max_abs = max(self.max_abs, _max_abs(a - b))
+        self.ref_max, self.new_max = max(self.ref_max, a_max), max(self.new_max, b_max)
+        self.dot += torch.dot(a, b).item()
+        self.ref_squares += torch.dot(a, a).item()
+        self.new_squares += torch.dot(b, b).item()
+        return True
+
+    def verdict(self, name: str, atol: float, rtol: float) -> OutputDiff:
+        """The comparison's result; the cosine is ``torch.nn.functional.cosine_similarity``'s (norms at least 1e-30)."""
+        if not self.any_finite:
+            return OutputDiff(name, 0.0, 0.0, 1.0, True)
+        max_abs, scale = self.max_abs, self.ref_max
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        eps = 1e-30
+        cosine = self.dot / (max(math.sqrt(self.ref_squares), eps) * max(math.sqrt(self.new_squares), eps))
+        if scale == 0 and self.new_max == 0:
+            cosine = 1.0
+        return OutputDiff(name, max_abs, max_rel, cosine, max_abs <= atol + rtol * scale)
+
+
+def _chunks(ref: torch.Tensor, new: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Aligned CPU slices of the two (same-shaped) tensors, flattened, ``_CHUNK_ELEMENTS`` at a time.
+
+    A non-contiguous tensor is made contiguous once, in its own dtype (``reshape``).
+    """
+    ref, new = ref.detach().reshape(-1), new.detach().reshape(-1)
+    for start in range(0, ref.numel(), _CHUNK_ELEMENTS):
+        yield ref[start:start + _CHUNK_ELEMENTS].cpu(), new[start:start + _CHUNK_ELEMENTS].cpu()
+
+
+def _float64_chunks(ref: torch.Tensor, new: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_chunks` converted to float64, one pair at a time."""
+    for a, b in _chunks(ref, new):
+        yield a.double(), b.double()
+
+
+def _max_abs(values: torch.Tensor) -> float:
+    """max |values| (NaN if any is NaN), without an ``abs()`` copy."""
+    return torch.linalg.vector_norm(values, float("inf")).item()
+
+
+def _max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, NaN if any difference is NaN; chunked as :func:`_diff` is."""
+    worst = 0.0
+    for x, y in _float64_chunks(a, b):
+        chunk = _max_abs(x - y)
+        if math.isnan(chunk):
+            return chunk
+        worst = max(worst, chunk)
+    return worst
+
+
+def _same_nonfinite(a: torch.Tensor, b: torch.Tensor, finite: torch.Tensor) -> bool:
+    """Whether ``b`` has NaN, +inf and -inf exactly where ``a`` (with finite mask ``finite``) has them."""
+    return torch.equal(finite, torch.isfinite(b)) and torch.equal(_nonfinite_code(a[~finite]),
+                                                                  _nonfinite_code(b[~finite]))
 
 
 def _nonfinite_code(values: torch.Tensor) -> torch.Tensor:
