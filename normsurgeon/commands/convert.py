@@ -28,7 +28,7 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
 @model_options
 @weights_option
 @input_options
-@output_options(default="MODEL.converted.pt beside MODEL")
+@output_options(default="MODEL.converted.pt beside MODEL; a save_pretrained folder gives FOLDER.converted/ where it reloads the same")
 @click.option("--to", "to", required=True, metavar="KIND",
               help=f"Target kind: {_KINDS} (native: each hand-written norm to torch's own layer).")
 @click.option("--from", "from_", metavar="KIND", help="Convert only norms of this kind.")
@@ -58,7 +58,8 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
       normsurgeon convert resnet.pt --to groupnorm --approximate
     """
     from ..io.inputs import resolve_inputs
-    from ..io.saving import check_output_path, default_output_path, files_read, save_module
+    from ..io.pretrained_output import output_target, write_model
+    from ..io.saving import default_output_path, files_read
     from ..passes.convert import convert_norms, parse_target
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
@@ -69,7 +70,8 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
         raise UsageError(f"{model_path}: convert edits nn.Module layers, and a .pt2 ExportedProgram has none; "
                          "convert the module before torch.export")
     reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
-    out_path = check_output_path(output or default_output_path(model_path, "converted"), force=force, protect=reads)
+    destination = output_target(output, loaded.form, default_output_path(model_path, "converted"), force=force,
+                                protect=reads)
     model, notes = loaded.model, list(loaded.notes)
     if model.training:
         if not set_eval:
@@ -85,7 +87,7 @@ def convert(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
         notes.append(f"every selected norm is already {report.facts.get('to')}: nothing to convert, the output is "
                      "the same model")
     report.notes[:0] = [*notes, inputs.description]
-    save_module(report.model, out_path, force=force, protect=reads)
+    out_path = write_model(report, inputs.args, destination, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "converted": str(len(report.changed("converted"))), "skipped": str(len(report.skipped))}
     emit(report, as_json=as_json, title="normsurgeon convert", facts=facts, extra={"output": str(out_path)})

@@ -18,25 +18,15 @@ from ..cli import (
     output_options,
     weights_option,
 )
-from ..errors import PreconditionError, UsageError, VerificationError
+from ..errors import PreconditionError, UsageError
 from ..io.inputs import ExampleInputs, resolve_inputs
 from ..io.loading import LoadedModel, load_model
-from ..io.pretrained_output import (
-    DoesNotRoundTrip,
-    check_directory_target,
-    save_pretrained_checked,
-    wants_directory,
-)
-from ..io.saving import (
-    check_output_path,
-    default_output_path,
-    files_read,
-    save_module,
-    write_atomically,
-)
-from ..passes.fold_batchnorm import fold_batchnorm
+from ..io.pretrained_output import output_target, write_model
+from ..io.saving import default_output_path, files_read, write_atomically
+from ..passes.fold_batchnorm import FoldBatchNorm
 from ..passes.fold_batchnorm_exported import fold_batchnorm_exported
-from ..passes.fold_norm_affine import fold_norm_affines
+from ..passes.fold_norm_affine import FoldNormAffines
+from ..pipeline import Sequential, raise_if_failed, run
 from ..report import Report
 
 
@@ -79,13 +69,9 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
                         weights=weights)
     reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
-    default = default_output_path(model_path, "folded")
-    as_directory = wants_directory(output, loaded.form)
-    if as_directory:  # a save_pretrained model goes back as a directory where it reloads the same
-        out_dir = output or default.with_suffix("")
-        check_directory_target(out_dir, force=force, protect=reads)
-    else:
-        out_path = check_output_path(output or default, force=force, protect=reads)
+    # a save_pretrained model goes back as a directory where it reloads the same
+    target = output_target(output, loaded.form, default_output_path(model_path, "folded"), force=force, protect=reads)
+    out_path = target.path
     if loaded.form == "exported_program":
         if affine:
             raise UsageError(f"{model_path}: --affine needs an nn.Module; a .pt2 ExportedProgram has no layers to edit")
@@ -94,11 +80,7 @@ def fold(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], 
     else:
         report, inputs = _fold_module(loaded, input_shapes, inputs_file, trust_pickle, set_eval, to_affine,
                                       affine, allow_default_stats, atol, rtol)
-        if as_directory:
-            out_path = _save_directory(report, inputs, out_dir, default, explicit=output is not None, force=force,
-                                       protect=reads)
-        else:
-            save_module(report.model, out_path, force=force, protect=reads)
+        out_path = write_model(report, inputs.args, target, force=force, protect=reads)
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path),
              "folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
     if affine:
@@ -120,30 +102,11 @@ def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file
         model.eval()
         notes.append("the model was in training mode; folded its eval-mode behaviour (--eval)")
     inputs = resolve_inputs(model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    report = fold_batchnorm(model, inputs.args, unfoldable="affine" if to_affine else "keep",
-                            allow_default_stats=allow_default_stats, atol=atol, rtol=rtol)
-    if affine:
-        affines = fold_norm_affines(report.model, inputs.args, atol=atol, rtol=rtol)
-        report.changes.extend(affines.changes)
-        report.skipped.extend(affines.skipped)
-        report.checks.extend(affines.checks)
+    passes = Sequential(FoldBatchNorm(unfoldable="affine" if to_affine else "keep",
+                                      allow_default_stats=allow_default_stats), *([FoldNormAffines()] if affine else []))
+    report = run(passes, model, inputs.args, atol=atol, rtol=rtol)  # one trace for both passes
     report.notes[:0] = notes + [inputs.description]
     return report, inputs
-
-
-def _save_directory(report: Report, inputs: ExampleInputs, out_dir: Path, default: Path, *, explicit: bool,
-                    force: bool, protect: list[Path]) -> Path:
-    """save_pretrained, proven by reloading; by default a model that would reload wrong is written as a .pt instead."""
-    try:
-        report.checks.append(save_pretrained_checked(report.model, out_dir, inputs.args, force=force, protect=protect))
-        return out_dir
-    except DoesNotRoundTrip as refusal:
-        if explicit:
-            raise
-        report.notes.append(f"wrote {default} instead of a save_pretrained directory: {refusal.why}")
-        save_module(report.model, check_output_path(default, force=force, protect=protect), force=force,
-                    protect=protect)
-        return default
 
 
 def _fold_exported(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file: Path | None,
@@ -157,8 +120,5 @@ def _fold_exported(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_fi
         inputs, description = resolved.args, resolved.description
     report = fold_batchnorm_exported(loaded.exported_program, inputs, atol=atol, rtol=rtol)
     report.notes[:0] = [*loaded.notes, description]
-    if not report.passed:
-        raise VerificationError(
-            f"the folded program differs from the original by {report.check.max_abs_diff:.3g}; nothing was written"
-        )
+    raise_if_failed(report, "the folded program")
     return report

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import torch
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options
+from ..cli import emit, handle_errors, input_options, model_options, output_options, weights_option
 from ..errors import LoadError, PreconditionError, UsageError
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
@@ -25,11 +25,14 @@ def weightnorm() -> None:
       normsurgeon weightnorm remove generator.pt                  # a bare state_dict: plain keys out
       normsurgeon weightnorm remove ckpt.pt --factory mymodels:build_generator
       normsurgeon weightnorm apply model.pt --init-data batch.pt --input-shape 8,3,32,32
+      normsurgeon weightnorm remove wav2vec2-folder/          # save_pretrained: a folder where it reloads the same
+      normsurgeon weightnorm apply timm:resnet18 --weights w.safetensors
     """
 
 
 @weightnorm.command("apply", short_help="Weight-norm conv/linear layers; writes a state_dict.")
 @model_options
+@weights_option
 @input_options
 @output_options(default="MODEL.weightnorm.pt beside MODEL (a state_dict)")
 @click.option("--init-data", type=click.Path(path_type=Path), metavar="FILE|DIR",
@@ -39,14 +42,16 @@ def weightnorm() -> None:
 @click.option("--layer-type", "layer_types", multiple=True, metavar="TYPE", help=_LAYER_TYPES_HELP)
 @handle_errors
 def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-          input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
+          weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
           as_json: bool, verbose: bool, init_data: Path | None, mean_only_bn: bool,
           layer_types: tuple[str, ...]) -> None:
     """Weight-norm the conv / conv-transpose / linear layers of MODEL; writes a state_dict.
 
     torch cannot pickle a weight-normed module, so the output (MODEL.weightnorm.pt) is a
-    state_dict; the report says how to load it. Without --init-data the model computes exactly
-    what it did, checked on the example inputs (or layer by layer without them).
+    state_dict; the report says how to load it. A save_pretrained folder also gives a state_dict
+    file (FOLDER.weightnorm.pt): its class does not build the weight-norm tensors, so a folder
+    would not reload them. Without --init-data the model computes exactly what it did, checked
+    on the example inputs (or layer by layer without them).
 
     \b
     Examples:
@@ -54,6 +59,7 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
       normsurgeon weightnorm apply model.pt --init-data batch.pt --input-shape 8,3,32,32
       normsurgeon weightnorm apply model.pt --layer-type conv2d --layer-type linear
     """
+    from ..io.pretrained_output import DoesNotRoundTrip, wants_directory
     from ..io.saving import check_output_path, default_output_path, files_read, save_state_dict
     from ..passes.weight_norm import (
         SUPPORTED_LAYER_TYPES,
@@ -62,12 +68,17 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
     )
 
     types = resolve_layer_types(layer_types or SUPPORTED_LAYER_TYPES)
-    model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
-    reads = files_read(model_path, inputs_file, init_data)  # never overwritten by -o
+    model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, weights,
+                                                   input_shapes, inputs_file)
+    reads = files_read(model_path, weights, inputs_file, init_data)  # never overwritten by -o
+    if output is not None and wants_directory(output, form):
+        raise DoesNotRoundTrip(output, _not_reloadable(model))
     out_path = check_output_path(output or default_output_path(model_path, "weightnorm"), force=force, protect=reads)
     report = apply_weight_norm(model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
                                example_inputs=inputs.args if inputs else None, trust_pickle=trust_pickle)
     report.notes[:0] = notes + ([inputs.description] if inputs else [])
+    if form == "pretrained_dir":
+        report.notes.append(f"wrote a state_dict file, not a save_pretrained directory: {_not_reloadable(model)}")
     save_state_dict(report.model.state_dict(), out_path, force=force, protect=reads)
     facts = {"model": f"{model_path} ({form})", "output": f"{out_path} (state_dict)"}
     emit(report, as_json=as_json, title="normsurgeon weightnorm apply", facts=facts,
@@ -76,35 +87,36 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
 
 @weightnorm.command("remove", short_help="Bake weight norm into plain weights.")
 @model_options
+@weights_option
 @input_options
-@output_options(default="MODEL.plain.pt beside MODEL")
+@output_options(default="MODEL.plain.pt beside MODEL; a save_pretrained folder gives FOLDER.plain/ where it reloads the same")
 @handle_errors
 def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-           input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
+           weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
            as_json: bool, verbose: bool) -> None:
     """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
 
     A bare state_dict (no --factory) is rewritten into plain '<layer>.weight' keys that load
     into the architecture built without weight norm. With --factory, or for a pickled module,
-    the output is a plain, picklable module. Writes MODEL.plain.pt.
+    the output is a plain, picklable module. Writes MODEL.plain.pt. A save_pretrained folder is
+    checked on inputs inferred from its config and written back as a folder (FOLDER.plain/) only
+    where from_pretrained reloads it the same; a class that weight-norms its layers when it is
+    built does not (it would re-apply weight norm and drop the plain weights), so that model is
+    written as FOLDER.plain.pt with a note, and -o DIR is refused.
 
     \b
     Examples:
       normsurgeon weightnorm remove generator.pt                  # a bare state_dict: plain keys out
       normsurgeon weightnorm remove ckpt.pt --factory mymodels:build_generator
+      normsurgeon weightnorm remove wav2vec2-folder/
     """
-    from ..io.saving import (
-        check_output_path,
-        default_output_path,
-        files_read,
-        save_module,
-        save_state_dict,
-    )
+    from ..io.pretrained_output import output_target, write_model
+    from ..io.saving import check_output_path, default_output_path, files_read, save_state_dict
     from ..passes.weight_norm import remove_weight_norm
 
     out_path = output or default_output_path(model_path, "plain")
-    reads = files_read(model_path, inputs_file)  # never overwritten by -o
-    state_dict = None if factory else _bare_state_dict(model_path)
+    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
+    state_dict = None if factory or weights else _bare_state_dict(model_path)
     if state_dict is not None:
         if input_shapes or inputs_file:
             raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
@@ -114,22 +126,33 @@ def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
         save_state_dict(report.model, out_path, force=force, protect=reads)
         form, out_form = "state_dict", "state_dict"
     else:
-        model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, input_shapes, inputs_file)
-        check_output_path(out_path, force=force, protect=reads)
+        model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, weights,
+                                                       input_shapes, inputs_file, infer=True)
+        target = output_target(output, form, default_output_path(model_path, "plain"), force=force, protect=reads)
         report = remove_weight_norm(model, example_inputs=inputs.args if inputs else None)
         report.notes[:0] = notes + ([inputs.description] if inputs else [])
         _require_changes(report, model_path)
-        save_module(report.model, out_path, force=force, protect=reads)
-        out_form = "module"
+        out_path = write_model(report, inputs.args if inputs else (), target, force=force, protect=reads)
+        out_form = "save_pretrained" if out_path.is_dir() else "module"
     facts = {"model": f"{model_path} ({form})", "output": f"{out_path} ({out_form})"}
     emit(report, as_json=as_json, title="normsurgeon weightnorm remove", facts=facts,
          extra={"output": str(out_path), "output_form": out_form})
 
 
-def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
-    """The file's state_dict when it holds only tensors (read weights-only), else None."""
-    from ..io.loading import load_tensors
+def _not_reloadable(model: Any) -> str:
+    """Why a weight-normed transformers model is not written as a save_pretrained directory."""
+    return (f"{type(model).__name__} does not build the tensors weight norm adds (parametrizations.weight.original0/1), "
+            "so from_pretrained would not load them")
 
+
+def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
+    """The file's state_dict when it holds only tensors (read weights-only), else None (a model load_model builds)."""
+    from ..io.huggingface import pretrained_dir_of
+    from ..io.loading import load_tensors
+    from ..io.timm_models import is_timm_spec
+
+    if is_timm_spec(path) or (Path(path).exists() and pretrained_dir_of(Path(path)) is not None):
+        return None
     try:
         obj = load_tensors(path)
     except LoadError:  # a pickled module, or something load_model explains better
@@ -142,14 +165,17 @@ def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
 
 
 def _load_with_inputs(path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-                      input_shapes: tuple[str, ...], inputs_file: Path | None) -> tuple[Any, str, list[str], Any]:
+                      weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, *,
+                      infer: bool = False) -> tuple[Any, str, list[str], Any]:
+    """The model, its form, load notes and example inputs: given ones, else (``infer``) the config's of a
+    save_pretrained or timm model, else None."""
     from ..io.inputs import resolve_inputs
     from ..io.loading import load_model
 
-    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths)
+    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths, weights=weights)
     _refuse_exported(loaded.form, path)
     inputs = None
-    if input_shapes or inputs_file:
+    if input_shapes or inputs_file or (infer and loaded.form in ("pretrained_dir", "timm")):
         inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     return loaded.model, loaded.form, list(loaded.notes), inputs
 
