@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -44,7 +43,7 @@ def print_report(report: Report, console: Console, *, title: str, facts: dict[st
         for column in ("module", "action", "into", "detail"):
             table.add_column(column)
         for change in report.changes:
-            table.add_row(change.module, change.action, change.into or "", change.detail)
+            table.add_row(change.module, change.action.value, change.into or "", change.detail)
         console.print(table)
     else:
         console.print("  nothing changed")
@@ -60,14 +59,13 @@ def print_report(report: Report, console: Console, *, title: str, facts: dict[st
 
 
 def print_check(check: Check, console: Console) -> None:
-    informational = math.isinf(check.atol)  # measured, not judged (an approximate conversion)
-    rule = "informational: not expected to match" if informational else (
+    rule = "informational: not expected to match" if check.informational else (
         f"pass if max|diff| <= {check.atol:g} + {check.rtol:g}*max|ref|")
     table = Table(title=f"check: {check.label} ({rule})", title_justify="left")
     for column in ("output", "max abs diff", "max rel diff", "cosine", "result"):
         table.add_column(column)
     for out in check.outputs:
-        if informational and out.passed:
+        if check.informational and out.passed:  # measured, not judged: say whether it moved
             verdict = "[yellow]differs[/yellow]" if out.max_abs_diff > 0 else "same"
         else:
             verdict = "[green]pass[/green]" if out.passed else f"[red]FAIL[/red] {out.detail}".rstrip()

@@ -2,7 +2,8 @@
 
 Every pass returns a :class:`Report`. The CLI renders it as a table or as JSON; tests assert
 on its fields. A skip always carries a :class:`SkipReason` member plus a detail sentence, so
-the user sees *why* a norm was left alone — never a silent ``continue``.
+the user sees *why* a norm was left alone — never a silent ``continue``; a change names its
+:class:`Action`. The JSON (``Report.to_dict``) is what ``--json`` prints: README.md lists its keys.
 """
 
 from __future__ import annotations
@@ -37,17 +38,61 @@ class SkipReason(enum.Enum):
     OPSET_TOO_OLD = "the model's opset has no native op for it"
 
 
+class Action(str, enum.Enum):
+    """What a pass did to a module. The value is the word reports and ``--json`` show.
+
+    A new pass that does something new adds its member here: a free string would let two passes
+    spell one action two ways, and a typo would silently match nothing in ``Report.changed``.
+    """
+
+    FOLDED = "folded"
+    FOLDED_AFFINE = "folded-affine"
+    FUSED = "fused"
+    REPLACED = "replaced"
+    CONVERTED = "converted"
+    CENTRED = "centred"
+    MEAN_ONLY = "mean-only"
+    WEIGHT_NORMED = "weight-normed"
+    WEIGHT_NORM_REMOVED = "weight norm removed"
+    INITIALISED = "initialised"
+    RECALIBRATED = "recalibrated"
+    GROUPED = "grouped"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # equal to its value, so it must hash like it (``Action.FOLDED in {"folded"}``)
+
+    @classmethod
+    def _missing_(cls, value: object) -> Action:
+        """``Action("fold")``: a ValueError that lists the known actions."""
+        known = ", ".join(repr(a.value) for a in cls)
+        raise ValueError(f"unknown change action {value!r}: the actions are {known} "
+                         "(a pass that does something new adds it to normsurgeon.report.Action)")
+
+
 @dataclass(frozen=True)
 class Change:
-    """One edit a pass made: ``module`` (e.g. a norm) was ``action``-ed, ``into`` another module."""
+    """One edit a pass made: ``module`` (e.g. a norm) was ``action``-ed, ``into`` another module.
 
-    action: str
+    ``action`` may be given as its word (``Change("folded", ...)``): it is stored as the :class:`Action`.
+    """
+
+    action: Action
     module: str
     into: str | None = None
     detail: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "action", Action(self.action))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"action": self.action, "module": self.module, "into": self.into, "detail": self.detail}
+        return {"action": self.action.value, "module": self.module, "into": self.into, "detail": self.detail}
+
+
+def _because(reason: SkipReason, detail: str) -> str:
+    return f"{reason.value}: {detail}" if detail else reason.value
 
 
 @dataclass(frozen=True)
@@ -60,10 +105,28 @@ class Skip:
 
     @property
     def message(self) -> str:
-        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
+        return _because(self.reason, self.detail)
 
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "reason": self.message, "code": self.reason.name}
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A module a pass was asked to handle exactly and could not, though it may still be handled
+    another way (convert: a LayerNorm that centring cannot make an exact RMSNorm, converted
+    approximately or not at all). Callers read these instead of searching the notes' text."""
+
+    path: str
+    reason: SkipReason
+    detail: str = ""
+
+    @property
+    def message(self) -> str:
+        return _because(self.reason, self.detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": self.path, "reason": self.message, "code": self.reason.name}
 
 
 @dataclass(frozen=True)
@@ -101,6 +164,7 @@ class Check:
     atol: float
     rtol: float
     label: str = "transformed vs original"
+    informational: bool = False  # measured, not judged: the outputs are meant to differ (atol is then inf)
 
     @property
     def passed(self) -> bool:
@@ -127,8 +191,14 @@ class Check:
             "min_cosine": self.min_cosine,
             "atol": self.atol,
             "rtol": self.rtol,
+            "informational": self.informational,
             "outputs": [o.to_dict() for o in self.outputs],
         }
+
+
+# The reports whose ``to_dict`` lists the folded BatchNorms under "folded" (the fold, export and
+# optimize commands'); the key would be an always-empty list in the others.
+FOLDING_PASSES = frozenset({"fold", "export", "optimize"})
 
 
 @dataclass
@@ -142,6 +212,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)  # e.g. export time, file size, op counts
     model: Any = field(default=None, repr=False)  # the transformed nn.Module, for the caller
+    left_out: list[LeftOut] = field(default_factory=list)
 
     @property
     def check(self) -> Check | None:
@@ -157,20 +228,44 @@ class Report:
         """True when every numerical check passed (or there was nothing to check)."""
         return all(c.passed for c in self.checks)
 
-    def changed(self, action: str) -> list[Change]:
-        return [c for c in self.changes if c.action == action]
+    def changed(self, action: Action | str) -> list[Change]:
+        """The changes of one kind (an unknown action is a ValueError, not an empty list)."""
+        action = Action(action)
+        return [c for c in self.changes if c.action is action]
+
+    def merge(self, other: Report) -> Report:
+        """A new report of both, in order (a sequence of passes): this one's name and model, and of
+        ``other``'s facts only the keys this one does not have."""
+        return Report(
+            self.pass_name,
+            changes=[*self.changes, *other.changes],
+            skipped=[*self.skipped, *other.skipped],
+            checks=[*self.checks, *other.checks],
+            notes=[*self.notes, *other.notes],
+            facts={**self.facts, **{k: v for k, v in other.facts.items() if k not in self.facts}},
+            model=self.model,
+            left_out=[*self.left_out, *other.left_out],
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The ``--json`` payload: keys in a fixed order, "folded" for :data:`FOLDING_PASSES` only, and
+        "left_out" only when something was."""
+        payload: dict[str, Any] = {
             "pass": self.pass_name,
             "passed": self.passed,
             "changes": [c.to_dict() for c in self.changes],
-            "folded": [
-                {"norm": c.module, "into": c.into, "detail": c.detail} for c in self.changed("folded")
-            ],
-            "skipped": [s.to_dict() for s in self.skipped],
+        }
+        if self.pass_name in FOLDING_PASSES:
+            payload["folded"] = [
+                {"norm": c.module, "into": c.into, "detail": c.detail} for c in self.changed(Action.FOLDED)
+            ]
+        payload["skipped"] = [s.to_dict() for s in self.skipped]
+        if self.left_out:
+            payload["left_out"] = [o.to_dict() for o in self.left_out]
+        payload.update({
             "check": self.check.to_dict() if self.check else None,
             "checks": [c.to_dict() for c in self.checks],
             "facts": dict(self.facts),
             "notes": list(self.notes),
-        }
+        })
+        return payload

@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .errors import PreconditionError, UsageError
+from .errors import PreconditionError, UsageError, first_line
 from .walk import node_children, refuse_unwalkable
 
 METADATA_READS = frozenset(
@@ -318,7 +318,7 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
                 recorder.step_back()
     except Exception as exc:  # the user's model failed on the user's inputs
         raise PreconditionError(
-            f"the model failed on the example inputs ({type(exc).__name__}: {first_line(exc)}); "
+            f"the model failed on the example inputs ({first_line(exc, named=True)}); "
             "check --input-shape/--inputs"
         ) from exc
     finally:
@@ -382,7 +382,3 @@ def call_model(model: nn.Module, example_inputs: tuple | dict) -> Any:
     return model(*example_inputs)
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message ("" when it has none)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""

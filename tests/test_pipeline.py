@@ -36,7 +36,7 @@ class DoubleThenHalve(ModulePass):
             ctx.model.a.weight.mul_(2)
             ctx.model.a.bias.mul_(2)
             ctx.model.b.weight.mul_(0.5)
-        return [Change("rescaled", edit.path, "b")]
+        return [Change("folded", edit.path, "b")]  # a's scale is folded into b
 
 
 class Break(ModulePass):
@@ -48,7 +48,7 @@ class Break(ModulePass):
     def apply(self, ctx, edit):
         with torch.no_grad():
             ctx.model.b.bias.add_(1)
-        return [Change("broke", edit.path)]
+        return [Change("replaced", edit.path)]
 
 
 def test_a_pass_is_planned_applied_and_checked_against_the_original() -> None:
@@ -57,7 +57,7 @@ def test_a_pass_is_planned_applied_and_checked_against_the_original() -> None:
 
     report = run(DoubleThenHalve(), model, (x,))
 
-    assert [c.action for c in report.changes] == ["rescaled"] and report.skipped[0].module == "conv"
+    assert [c.action for c in report.changes] == ["folded"] and report.skipped[0].module == "conv"
     assert report.check.label == "rescaled vs original" and report.passed
     torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
 

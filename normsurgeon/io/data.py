@@ -25,7 +25,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from ..errors import LoadError, UsageError
+from ..errors import LoadError, UsageError, first_line
 from ..trace import call_model
 from ..walk import check_nesting
 
@@ -103,8 +103,8 @@ def _from_npz(path: Path) -> Batch:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: torch.from_numpy(archive[name].copy()) for name in archive.files}
     except (ValueError, OSError, TypeError, zipfile.BadZipFile, EOFError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({reason}); save it with numpy.savez") from exc
+        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({first_line(exc, 160)}); "
+                        "save it with numpy.savez") from exc
     except MemoryError as exc:
         raise LoadError(f"{path}: its arrays need more memory than there is; pass a smaller .npz") from exc
     if not arrays:
@@ -167,8 +167,8 @@ def _check_npz_sizes(path: Path) -> None:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, TypeError, NotImplementedError,
             RuntimeError) as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
-        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({reason}); save it with numpy.savez") from exc
+        raise LoadError(f"{path}: not a readable .npz of numeric arrays ({first_line(exc, 160, named=True)}); "
+                        "save it with numpy.savez") from exc
 
 
 def _npy_header(member: Any) -> tuple[tuple[int, ...], Any]:
@@ -333,12 +333,11 @@ def check_fits(model: nn.Module, batch: Batch, *, what: str = "data") -> Any:
         with torch.no_grad():
             return call_model(model, batch)
     except Exception as exc:  # the user's data does not fit the user's model
-        lines = str(exc).strip().splitlines()
         expected = expected_input(model)
         hint = f"; {expected}" if expected else ""
         raise UsageError(
             f"the {what} does not fit the model: a batch of shape {describe_shapes(batch)} failed "
-            f"({type(exc).__name__}: {lines[0] if lines else ''}){hint}; pass data shaped for the model"
+            f"({first_line(exc, named=True)}){hint}; pass data shaped for the model"
         ) from exc
 
 

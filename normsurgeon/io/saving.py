@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from normsurgeon.errors import OutputError
+from normsurgeon.errors import OutputError, first_line
 
 # errno values that mean "the data does not fit": disk full, file-size limit, quota.
 FULL_DISK_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if e is not None)
@@ -169,7 +169,7 @@ def save_module(model: nn.Module, path: Path, *, force: bool = False, protect: S
                 "remove) or save a state_dict"
             ) from exc
         raise OutputError(
-            f"cannot pickle the model to {path} ({type(exc).__name__}: {_flat(exc)}); save it "
+            f"cannot pickle the model to {path} ({first_line(exc, 160, named=True)}); save it "
             "as a state_dict or export it to .pt2 instead"
         ) from exc
 
@@ -186,7 +186,7 @@ def save_state_dict(
         raise
     except Exception as exc:
         raise OutputError(
-            f"cannot save the state_dict to {path} ({type(exc).__name__}: {_flat(exc)}); it must "
+            f"cannot save the state_dict to {path} ({first_line(exc, 160, named=True)}); it must "
             "map names to tensors"
         ) from exc
 
@@ -391,15 +391,9 @@ def _size_limit_note() -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def _flat(exc: BaseException, limit: int = 160) -> str:
-    """An exception's message on one line, so ours stays one line."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _reason(exc: OSError) -> str:
     """'No space left on device' rather than '[Errno 28] ...: /tmp/.x.tmp'."""
-    return _flat(exc.strerror or exc)
+    return exc.strerror or first_line(exc, 160)
 
 
 def _same_file(a: Path, b: Path) -> bool:

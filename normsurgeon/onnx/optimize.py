@@ -35,7 +35,7 @@ import torch
 from onnxscript.rewriter import pattern
 
 from ..check import compare_outputs
-from ..errors import LoadError, OutputError, UsageError, VerificationError
+from ..errors import LoadError, OutputError, UsageError, VerificationError, first_line
 from ..io.saving import write_atomically
 from ..report import Check, Report, Skip, SkipReason
 from . import runtime
@@ -278,9 +278,8 @@ def compare_in_onnxruntime(
         raise
     except Exception as exc:  # onnxruntime's own error types: the given shapes do not fit the model
         shapes = "; ".join(",".join(map(str, array.shape)) for array in feeds.values())
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UsageError(
-            f"inputs of shape {shapes} do not fit {in_path.name} in onnxruntime ({first}); "
+            f"inputs of shape {shapes} do not fit {in_path.name} in onnxruntime ({first_line(exc)}); "
             "pass --input-shape with the shape the model expects"
         ) from exc
     with tempfile.TemporaryDirectory(prefix="normsurgeon-") as tmp:

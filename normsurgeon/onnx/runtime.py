@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..errors import LoadError, UsageError
+from ..errors import LoadError, UsageError, first_line
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -48,8 +48,7 @@ def session(path: str | Path, provider: str = "cpu", *, optimize: bool = True) -
     try:
         return ort.InferenceSession(str(path), options, providers=[PROVIDERS[provider]])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LoadError(f"{path}: onnxruntime cannot load it ({first}); re-export the model, e.g. with "
+        raise LoadError(f"{path}: onnxruntime cannot load it ({first_line(exc)}); re-export the model, e.g. with "
                         "normsurgeon export (default opset 23)") from exc
 
 

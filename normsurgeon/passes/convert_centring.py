@@ -30,7 +30,7 @@ from torch import nn
 from ..dataflow import Refusal, check_editable, describe, is_passthrough, source, users_through
 from ..placement import Placement, Where, is_add, is_conv1d, residual_operands
 from ..recognize import NormInfo, NormKind, Recognition
-from ..report import Change, SkipReason
+from ..report import Action, Change, SkipReason
 from ..surgery import editable_weight
 from ..trace import Trace, Value
 from .fold_norm_affine import apply_affine_fold, plan_affine_fold
@@ -203,7 +203,7 @@ def _centre(flow: Trace, module: nn.Module) -> Change:
             b64 = bias.double()
             bias.copy_((b64 - b64.mean()).to(bias.dtype))
     weight.commit()
-    return Change("centred", flow.module_paths[module], None, "its output is made zero-mean: W' = (I - 11ᵀ/d) W")
+    return Change(Action.CENTRED, flow.module_paths[module], None, "its output is made zero-mean: W' = (I - 11ᵀ/d) W")
 
 
 def _rmsnorm(info: NormInfo, weight: torch.Tensor | None) -> nn.Module:

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..check import compare_outputs
 from ..dataflow import Refusal, producer_targets
 from ..modules import MeanOnlyBatchNorm
-from ..report import Change, Report, Skip, SkipReason
+from ..report import Action, Change, Report, Skip, SkipReason
 from ..surgery import eval_mode, hooks_lost_by_replacing, replace_module, weight_norm_sites
 from ..trace import Trace, call_model
 
@@ -43,10 +43,10 @@ def replace_batchnorms(model: nn.Module, flow: Trace, normed: set[nn.Module], in
         replace_module(model, bn, mean_only)
         how = ("γ/σ moved into the layer's g (exact in eval)" if exact
                else "running_mean and β carried over; the division by σ is gone (not exact)")
-        report.changes.append(Change("mean-only", path, flow.module_paths[producer], how))
+        report.changes.append(Change(Action.MEAN_ONLY, path, flow.module_paths[producer], how))
         if not exact:
             inexact.append(path)
-    if report.changed("mean-only"):
+    if report.changed(Action.MEAN_ONLY):
         _warn(model, flow, inputs, inexact, report)
 
 
@@ -123,7 +123,7 @@ def _warn(model: nn.Module, flow: Trace, inputs: Any, inexact: list[str], report
         diff = compare_outputs(flow.outputs, call_model(model, inputs), label="mean-only BatchNorm vs original")
     report.facts["mean-only BN max abs diff"] = f"{diff.max_abs_diff:.3g}"
     report.facts["mean-only BN min cosine"] = f"{diff.min_cosine:.6f}"
-    count = len(report.changed("mean-only"))
+    count = len(report.changed(Action.MEAN_ONLY))
     if inexact:
         what = (f"changed the eval-mode outputs by max abs {diff.max_abs_diff:.3g} (max rel {diff.max_rel_diff:.3g}, "
                 f"cosine {diff.min_cosine:.6f}): {', '.join(inexact[:4])} no longer divide by the running std")

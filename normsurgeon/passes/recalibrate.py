@@ -26,10 +26,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..check import compare_outputs, flatten_outputs
-from ..errors import PreconditionError, UsageError, VerificationError
+from ..errors import PreconditionError, UsageError, VerificationError, first_line
 from ..io.data import Batch, Batches, check_fits, describe_shapes, load_batches, to_model
 from ..modules import MeanOnlyBatchNorm
-from ..report import Change, Check, Report, Skip, SkipReason
+from ..report import Action, Change, Check, Report, Skip, SkipReason
 from ..surgery import eval_mode, preserved_modes
 from ..trace import call_model
 
@@ -76,7 +76,7 @@ def recalibrate(
         raise
     for path, bn in norms:
         _record(path, bn, old[path], report)
-    report.facts.update({"batches": len(calibration), "layers": len(report.changed("recalibrated")),
+    report.facts.update({"batches": len(calibration), "layers": len(report.changed(Action.RECALIBRATED)),
                          "held-out batch": describe_shapes(held_out)})
     return report
 
@@ -185,12 +185,11 @@ def _forward(model: nn.Module, batch: Batch, index: int) -> None:
     try:
         call_model(model, batch)
     except Exception as exc:
-        lines = str(exc).strip().splitlines()
         hint = ("; use batches of at least 2 samples (--batch-size)"
                 if "more than 1 value per channel" in str(exc) else "; check the data")
         raise PreconditionError(
             f"the model failed on calibration batch {index} of shape {describe_shapes(batch)} in "
-            f"BatchNorm train mode ({type(exc).__name__}: {lines[0] if lines else ''}){hint}"
+            f"BatchNorm train mode ({first_line(exc, named=True)}){hint}"
         ) from exc
 
 
@@ -219,7 +218,7 @@ def _record(path: str, bn: nn.Module, old: dict[str, torch.Tensor], report: Repo
         d_var = (bn.running_var.double() - old["running_var"].double()).abs().mean().item()
         detail += f", mean |Δvar| {d_var:.4g}"
     detail += f", from {int(bn.num_batches_tracked)} batches"
-    report.changes.append(Change("recalibrated", path, None, detail))
+    report.changes.append(Change(Action.RECALIBRATED, path, None, detail))
 
 
 def _informational_check(before: Any, after: Any) -> Check:
@@ -234,7 +233,7 @@ def _informational_check(before: Any, after: Any) -> Check:
                             detail="" if finite.get(o.name, False) else "NaN/inf after recalibration")
         for o in check.outputs
     )
-    return dataclasses.replace(check, outputs=outputs)
+    return dataclasses.replace(check, outputs=outputs, informational=True)
 
 
 def _require_finite(check: Check, norms: list[tuple[str, nn.Module]]) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..io.data import Batch
-from ..report import Change, Report, Skip, SkipReason
+from ..report import Action, Change, Report, Skip, SkipReason
 from ..surgery import eval_mode
 from ..trace import call_model
 
@@ -33,8 +33,8 @@ def data_dependent_init(model: nn.Module, layers: list[tuple[str, nn.Module]], b
             if stats is None:
                 report.skipped.append(Skip(path, SkipReason.NOT_CALLED, "not reached by the init data; init skipped"))
                 continue
-            report.changes.append(Change("initialised", path, None, _set_init(module, *stats)))
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or report.changed("mean-only"):
+            report.changes.append(Change(Action.INITIALISED, path, None, _set_init(module, *stats)))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) or report.changed(Action.MEAN_ONLY):
         report.notes.append("the data-dependent init changed the activations the BatchNorm layers see: "
                             "recalibrate their statistics (normsurgeon recalibrate) before evaluating")
     report.notes.append("data-dependent init: the model computes something new by design (train it from here)")
