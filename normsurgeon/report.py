@@ -91,13 +91,9 @@ class Change:
         return {"action": self.action.value, "module": self.module, "into": self.into, "detail": self.detail}
 
 
-def _because(reason: SkipReason, detail: str) -> str:
-    return f"{reason.value}: {detail}" if detail else reason.value
-
-
 @dataclass(frozen=True)
-class Skip:
-    """A module the pass looked at and left as it was."""
+class _Because:
+    """A module (its path) and why a pass did not do to it what it does: a reason and a detail."""
 
     module: str
     reason: SkipReason
@@ -105,28 +101,22 @@ class Skip:
 
     @property
     def message(self) -> str:
-        return _because(self.reason, self.detail)
+        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
     def to_dict(self) -> dict[str, Any]:
         return {"module": self.module, "reason": self.message, "code": self.reason.name}
 
 
 @dataclass(frozen=True)
-class LeftOut:
+class Skip(_Because):
+    """A module the pass looked at and left as it was."""
+
+
+@dataclass(frozen=True)
+class LeftOut(_Because):
     """A module a pass was asked to handle exactly and could not, though it may still be handled
     another way (convert: a LayerNorm that centring cannot make an exact RMSNorm, converted
     approximately or not at all). Callers read these instead of searching the notes' text."""
-
-    path: str
-    reason: SkipReason
-    detail: str = ""
-
-    @property
-    def message(self) -> str:
-        return _because(self.reason, self.detail)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"module": self.path, "reason": self.message, "code": self.reason.name}
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_convert_records_each_norm_it_cannot_convert_exactly_beside_its_note() -
     report = convert_norms(model, models.example_inputs("postnorm_transformer", 2), to="rmsnorm", approximate=True)
 
     noted = [n.split(": not converted exactly")[0] for n in report.notes if "not converted exactly" in n]
-    assert [o.path for o in report.left_out] == noted and len(noted) == 5
+    assert [o.module for o in report.left_out] == noted and len(noted) == 5
     assert {o.reason for o in report.left_out} == {SkipReason.UNSUPPORTED_STRUCTURE}
     assert "needs pre-norm blocks" in report.left_out[0].detail
     assert report.to_dict()["left_out"][0] == {"module": "blocks.0.ln1", "reason": report.left_out[0].message,
