@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import models
+import normsurgeon
 from normsurgeon.passes.param_groups import param_groups
 
 
@@ -150,8 +151,8 @@ def test_weight_norm_gain_is_a_norm_parameter_and_direction_is_scale_invariant()
 def test_the_result_goes_straight_into_a_torch_optimizer() -> None:
     """As with timm's helper: AdamW(param_groups(model, 0.05)) runs a step, with each group's decay."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    groups = param_groups(model, 0.05)
-    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    groups = normsurgeon.param_groups(model, 0.05)  # the public name, exactly as the issue writes it
+    optimizer = torch.optim.AdamW(groups)
     before = model[3].weight.detach().clone()
 
     model(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -90,3 +90,31 @@ def test_unsupported_layer_type_is_a_one_line_error_and_nothing_is_written(tmp_p
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: weight norm is not supported on Embedding")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.pt"] and sha256(path) == before
+
+
+def test_timm_name_with_weights_goes_through_apply_then_remove(tmp_path, cli):
+    """``timm:NAME --weights FILE`` as for the other commands; apply's state_dict, weight norm removed, loads into
+    the architecture timm builds and computes what the weights did."""
+    from safetensors.torch import save_file
+
+    from normsurgeon.io.timm_models import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", pretrained=False).eval()
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    spec = ("timm:resnet10t", "--weights", tmp_path / "w.safetensors")
+
+    applied = cli("weightnorm", "apply", *spec, "--layer-type", "conv2d", "-o", tmp_path / "wn.pt", "--json")
+    nothing = cli("weightnorm", "remove", *spec, "-o", tmp_path / "unused.pt")
+    removed = cli("weightnorm", "remove", tmp_path / "wn.pt", "--json")
+
+    assert applied.returncode == 0, applied.stderr
+    assert any(n.startswith("timm:resnet10t built by timm") for n in json.loads(applied.stdout)["notes"])
+    assert nothing.returncode == 5 and "has no weight-normed layer" in nothing.stderr
+    assert not (tmp_path / "unused.pt").exists()
+    assert removed.returncode == 0, removed.stderr
+    plain = timm.create_model("resnet10t", pretrained=False).eval()
+    plain.load_state_dict(torch.load(tmp_path / "wn.plain.pt"), strict=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_out(plain, x), _out(source, x), rtol=1e-4, atol=1e-5)
