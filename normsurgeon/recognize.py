@@ -14,6 +14,10 @@ reference formula, in float64, with its own eps, weight, bias and normalized dim
     frozen BatchNorm: (x - running_mean) / sqrt(running_var + eps) * w + b   per channel (dim 1)
     GroupNorm:  LayerNorm over each group of C / G channels and the spatial dims
 
+A BatchNorm with its activation inside (timm ``BatchNormAct2d``, ``FrozenBatchNormAct2d``) is a
+BatchNorm whose :attr:`NormInfo.activation` names what it applies after the norm
+(:func:`~normsurgeon.norms.split_batchnorm_act` proves it by probing).
+
 A module that only looks like a norm is reported with the reason (its closest formula and by how
 much it misses), never silently treated as one.
 """
@@ -35,6 +39,7 @@ from torch.nn.utils import parametrize
 from .errors import UsageError
 from .dataflow import Refusal
 from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm
+from .norms import has_leaf_children, split_batchnorm_act
 from .report import SkipReason
 from .trace import Node, Trace
 
@@ -115,6 +120,7 @@ class NormInfo:
     calls: int
     evidence: str
     eps_inferred: bool = False
+    activation: str | None = None  # what the module applies after the norm, inside its forward (BatchNorm+act)
 
     @property
     def affine(self) -> str:
@@ -125,7 +131,8 @@ class NormInfo:
         """Which values are normalized together, in words."""
         kind = self.kind
         if kind in BATCHNORM_FAMILY:
-            return f"per channel (dim 1, {self.num_features}) with running statistics"
+            then = f", then {self.activation} in the same module" if self.activation else ""
+            return f"per channel (dim 1, {self.num_features}) with running statistics{then}"
         if kind is NormKind.GROUPNORM:
             return f"{self.groups} groups of {self.num_features // max(self.groups or 1, 1)} channels per sample"
         if kind is NormKind.INSTANCENORM:
@@ -185,7 +192,7 @@ def is_candidate(module: nn.Module) -> bool:
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
     if next(module.children(), None) is not None:
-        return False
+        return _has_running_stats(module) and has_leaf_children(module)  # a BatchNorm with its activation inside
     if "norm" in type(module).__name__.lower():
         return True
     return _eps_of(module) is not None or _has_running_stats(module)
@@ -205,6 +212,8 @@ def recognize(module: nn.Module, path: str, calls: list[Node]) -> NormInfo | Non
         raise _mismatch("not called on the example inputs, so what it computes cannot be checked")
     if len(calls[0].inputs) != 1:
         raise _mismatch("its forward() takes more than one tensor: a conditional norm normsurgeon cannot treat")
+    if _has_running_stats(module) and next(module.children(), None) is not None:
+        return _from_batchnorm_act(module, path, shape, len(calls))
     return _from_probe(module, path, shape, len(calls), calls[0])
 
 
@@ -254,6 +263,22 @@ def _from_class(module: nn.Module, path: str, kind: NormKind, shape: tuple[int, 
 
 
 # ------------------------------------------------------------------------------- by behaviour
+
+
+def _from_batchnorm_act(module: nn.Module, path: str, shape: tuple[int, ...], calls: int) -> NormInfo:
+    """A BatchNorm-like module with children: BatchNorm, then nothing or its own activation (probed on a copy)."""
+    try:
+        stats, act = split_batchnorm_act(copy.deepcopy(module).eval(), shape)
+    except Refusal as refusal:
+        raise _mismatch(refusal.detail or refusal.reason.value) from None
+    parts = list(act) if isinstance(act, nn.Sequential) else [act]
+    activation = " then ".join(type(p).__name__ for p in parts) if not isinstance(act, nn.Identity) else None
+    kind = _trainable_batchnorm_kind(module) or NormKind.FROZEN_BATCHNORM
+    evidence = f"behaves as {kind.spec.title}" + (f" followed by its {activation}" if activation else "")
+    weight = getattr(module, "weight") if stats.weight is not None else None
+    bias = getattr(module, "bias") if stats.bias is not None else None
+    return NormInfo(path, module, kind, False, stats.eps, stats.num_features, (stats.num_features,), None,
+                    weight, bias, shape, calls, evidence, activation=activation)
 
 
 @dataclass(frozen=True)

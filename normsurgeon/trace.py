@@ -105,8 +105,13 @@ class Trace:
 
 
 def is_atomic(module: nn.Module) -> bool:
-    """A module whose inside the trace does not look into: a leaf, or a conv/linear/norm layer."""
-    return isinstance(module, _ATOMIC_TYPES) or next(module.children(), None) is None
+    """A module whose inside the trace does not look into: a leaf, or a conv/linear/norm layer (also one
+    with running statistics whose children are leaves: a frozen BatchNorm with its activation inside)."""
+    children = list(module.children())
+    if isinstance(module, _ATOMIC_TYPES) or not children:
+        return True
+    stats = [getattr(module, name, None) for name in ("running_mean", "running_var")]
+    return all(isinstance(t, torch.Tensor) for t in stats) and not any(next(c.children(), None) for c in children)
 
 
 def function_name(func: Callable) -> str:

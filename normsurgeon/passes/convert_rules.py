@@ -291,6 +291,8 @@ RULES: tuple[Rule, ...] = (
 
 def find_rule(info: NormInfo, target: NormKind | None) -> Rule | None:
     """The rule converting ``info`` to ``target`` (None: to torch's own layer of its kind)."""
+    if info.activation is not None:  # a BatchNorm with its activation inside: the new layer would drop it
+        return None
     for rule in RULES:
         if rule.source is not info.kind or (target is not None and rule.target is not target):
             continue
