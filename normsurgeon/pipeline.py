@@ -3,7 +3,8 @@
 A pass says what it plans and how it applies one planned item::
 
     class ScaleLinears(ModulePass):
-        name, check_label, subject = "scale", "scaled vs original", "the scaled model"
+        name, report_name = "scale_linears", "scale"
+        check_label, subject = "scaled vs original", "the scaled model"
 
         def plan(self, ctx):
             for path, module in ctx.model.named_modules():
@@ -18,18 +19,19 @@ A pass says what it plans and how it applies one planned item::
 
 :func:`run` does everything else once, for a single pass or a :class:`Sequential` of them: the
 training-mode refusal, the optional copy, **one** trace shared by every pass of the run (traced on
-first use), each pass's check against the original outputs, and the single place that raises
-when a check fails. It returns one :class:`Report` (merged over the passes).
+first use), the original outputs (taken before the first edit), each pass's check against them,
+and the single place that raises when a check fails. It returns one :class:`Report`.
 
 Items are applied as the pass yields them, so a pass may plan each item against the edits it
-already made. A pass that changes which module feeds which makes the shared trace stale for the
-passes after it; those see the original dataflow, which can only make them refuse more (e.g. a
-LayerNorm whose consumer was a BatchNorm folded away is still seen feeding that BatchNorm).
+already made. The trace is of the model as it was when a pass first needed it; a pass that changes
+which module feeds which makes it stale for the passes after it, which then see the earlier
+dataflow. That can only make them refuse more (a LayerNorm whose consumer was a BatchNorm folded
+away is still seen feeding that BatchNorm).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -37,16 +39,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .check import compare_outputs, mismatch_error, require_tensor_outputs
-from .errors import PreconditionError
+from .check import compare_outputs, mismatch_error, require_tensor_outputs, rounding_noise
+from .errors import PreconditionError, UsageError, first_line
 from .report import Change, Check, Report, Skip
-from .surgery import ParentIndex, copy_model, module_parents, shared_parameter_ids
+from .surgery import ParentIndex, copy_model, eval_mode, module_parents, shared_parameter_ids
 from .trace import Trace, call_model, refuse_unusable, trace
+
+NOISE_FACTOR = 4  # a change may differ from the original by this many times the model's own rounding noise
 
 
 @dataclass(frozen=True)
 class Edit:
-    """One planned change: ``target`` at ``path``, with whatever the pass worked out for it."""
+    """One planned change: ``target`` at ``path``, with whatever the pass worked out for it (``plan``)."""
 
     path: str
     target: Any
@@ -58,49 +62,77 @@ class PassContext:
     """What the passes of one run share: the model, its example inputs, one trace, the original outputs."""
 
     model: nn.Module
-    example_inputs: tuple | dict
-    removed: dict[nn.Module, str] = field(default_factory=dict)  # modules a pass took out of the tree
+    example_inputs: tuple | dict | None
+    state: dict[str, Any] = field(default_factory=dict)  # a pass's own working state for this run, by pass name
 
     @cached_property
     def flow(self) -> Trace:
-        """The dataflow of the model as it was before the run (traced on first use, once)."""
-        flow = trace(self.model, self.example_inputs)
+        """The model's dataflow, traced when a pass first needs it (once per run)."""
+        if self.example_inputs is None:
+            raise UsageError("this pass needs example inputs to trace the model; pass example_inputs "
+                             "(CLI: --input-shape/--inputs)")
+        with eval_mode(self.model):
+            flow = trace(self.model, self.example_inputs)
         require_tensor_outputs(flow.outputs)
         return flow
 
     @cached_property
     def reference(self) -> Any:
-        """The original outputs every check compares with (the trace's, or one plain forward)."""
+        """The original outputs every check compares with (the trace's if traced by then, else one forward).
+
+        :func:`run` reads it before the first edit; None without example inputs.
+        """
+        if self.example_inputs is None:
+            return None
         if "flow" in self.__dict__:
             return self.flow.outputs
-        with torch.no_grad():
-            outputs = call_model(self.model, self.example_inputs)
+        try:
+            outputs = self.forward()
+        except Exception as exc:  # the user's model failed on the user's inputs
+            raise PreconditionError(f"the model failed on the example inputs ({first_line(exc, named=True)}); "
+                                    "check --input-shape/--inputs") from exc
         require_tensor_outputs(outputs)
         return outputs
 
     @cached_property
     def shared(self) -> set[int]:
-        """Parameters used by more than one module (never edited in place)."""
+        """Parameters used by more than one module (never edited in place); worked out once per pass."""
         return shared_parameter_ids(self.model)
 
     @cached_property
     def parents(self) -> ParentIndex:
+        """Where each module is registered (for replace_module); worked out once per pass."""
         return module_parents(self.model)
+
+    def forward(self) -> Any:
+        """The model's outputs on the example inputs now (in eval mode, no grad)."""
+        with eval_mode(self.model), torch.no_grad():
+            return call_model(self.model, self.example_inputs)
+
+    def next_pass(self) -> None:
+        """Forget what one pass's edits may have made stale (shared parameters, the parent index)."""
+        self.__dict__.pop("shared", None)
+        self.__dict__.pop("parents", None)
 
 
 class ModulePass:
-    """Base of a pass over an ``nn.Module``: override :meth:`plan` and :meth:`apply` (and the labels)."""
+    """Base of a pass over an ``nn.Module``: override :meth:`plan` and :meth:`apply`, and the labels."""
 
-    name = "pass"  # Report.pass_name
+    name = "pass"  # registry id (passes/registry.py)
+    report_name = "pass"  # Report.pass_name
     check_label = "changed vs original"
-    subject = "the changed model"  # how the check's error names the result
-    training_message = "the model is in training mode; call model.eval() first (CLI: --eval)"
-    needs_flow = True  # False for a pass that reads no dataflow (the reference is then one plain forward)
+    subject = "the changed model"  # how a failed check's error names the result
+    eval_reason: str | None = "dropout and BatchNorm's batch statistics change its outputs"  # None: run in eval mode
+    needs_flow = True  # False for a pass that reads no dataflow (it may then run without example inputs)
+    check_if_unchanged = True  # False: a pass that edited nothing is not checked (spares the forward passes)
+    rounding_noise_ok = False  # True: a failed default-tolerance check within float32 rounding noise passes
 
     def plan(self, ctx: PassContext) -> Iterable[Edit | Skip]:
+        """Each item this pass would change (an :class:`Edit`) or leaves alone (a :class:`Skip`, with why)."""
         raise NotImplementedError
 
     def apply(self, ctx: PassContext, edit: Edit) -> list[Change]:
+        """Make one planned change in place; return what changed."""
         raise NotImplementedError
 
     def finish(self, ctx: PassContext, report: Report) -> None:
@@ -108,11 +140,34 @@ class ModulePass:
 
     def outputs(self, ctx: PassContext, report: Report) -> Any:
         """The changed model's outputs on the example inputs."""
-        with torch.no_grad():
-            return call_model(ctx.model, ctx.example_inputs)
+        return ctx.forward()
 
-    def review(self, ctx: PassContext, report: Report, outputs: Any) -> None:
-        """A failed check under the default tolerance may be reconsidered here (default: it stands)."""
+    def review(self, ctx: PassContext, report: Report, outputs: Any, check: Check) -> Check:
+        """Reconsider a check that failed under the default tolerance; returns the check that stands.
+
+        With ``rounding_noise_ok`` a difference within :data:`NOISE_FACTOR` times the model's own
+        float32 rounding noise passes. Deep nets amplify the one-ulp changes an exact fold makes to
+        each weight (ResNet-152: 4e-4 relative for a fold exact to 7e-13 in float64); the changed
+        model's distance from itself run in float64 measures that amplification, and a wrong edit
+        is orders of magnitude above it.
+        """
+        noise = rounding_noise(ctx.model, ctx.example_inputs, outputs) if self.rounding_noise_ok else None
+        if noise is None:
+            return check
+        raised = compare_outputs(ctx.reference, outputs, atol=max(check.atol, NOISE_FACTOR * noise), rtol=check.rtol,
+                                 label=f"{self.check_label} (atol raised to {NOISE_FACTOR}x the rounding noise)")
+        if not raised.passed:
+            return check
+        report.notes.append(
+            f"the default tolerance was exceeded ({check.max_abs_diff:.3g}), but this model's own float32 rounding "
+            f"noise is {noise:.3g} (its outputs vs the same model in float64): accepted as rounding"
+        )
+        return raised
+
+    def check_without_inputs(self, ctx: PassContext, atol: float | None, rtol: float | None) -> Check | None:
+        """The check when the run has no example inputs (default: refused, the outputs cannot be compared)."""
+        raise UsageError(f"{self.report_name} needs example inputs to check its result; pass example_inputs "
+                         "(CLI: --input-shape/--inputs)")
 
 
 @dataclass(frozen=True)
@@ -127,11 +182,14 @@ class Sequential:
             flat.extend(item.passes if isinstance(item, Sequential) else [item])
         object.__setattr__(self, "passes", tuple(flat))
 
+    def __iter__(self) -> Iterator[ModulePass]:
+        return iter(self.passes)
+
 
 def run(
     pipeline: ModulePass | Sequential,
     model: nn.Module,
-    example_inputs: tuple | dict,
+    example_inputs: tuple | dict | None,
     *,
     inplace: bool = True,
     atol: float | None = None,
@@ -141,24 +199,17 @@ def run(
     """Run ``pipeline`` on ``model`` and check each pass against the original outputs; return one report.
 
     With ``inplace=False`` the model is deep-copied first; ``report.model`` is the result. A
-    failed check stops the run and raises :class:`VerificationError` (with ``raise_on_mismatch``).
+    failed check stops the run and raises :class:`VerificationError` carrying the report (with
+    ``raise_on_mismatch``). ``example_inputs`` may be None only for passes that need no trace.
     """
-    passes = pipeline.passes if isinstance(pipeline, Sequential) else (pipeline,)
-    refuse_unusable(model, example_inputs)
-    if model.training:
-        raise PreconditionError(passes[0].training_message)
-    if not inplace:
-        model = copy_model(model)
-    ctx = PassContext(model, example_inputs)
-    if any(p.needs_flow for p in passes):
-        ctx.flow  # noqa: B018  (trace before any edit: the reference is the untouched model)
-    else:
-        ctx.reference  # noqa: B018
+    passes = tuple(pipeline) if isinstance(pipeline, Sequential) else (pipeline,)
+    _refuse(passes, model, example_inputs)
+    ctx = PassContext(model if inplace else copy_model(model), example_inputs)
     reports = []
     for one_pass in passes:
-        report = _run_one(one_pass, ctx, atol, rtol)
-        reports.append(report)
-        if not report.passed:
+        ctx.next_pass()
+        reports.append(_run_one(one_pass, ctx, atol, rtol))
+        if not reports[-1].passed:
             break
     merged = merge_reports(reports)
     if raise_on_mismatch:
@@ -166,25 +217,51 @@ def run(
     return merged
 
 
+def _refuse(passes: Sequence[ModulePass], model: nn.Module, example_inputs: Any) -> None:
+    """Unusable inputs or wrappers, and a model in training mode where a pass needs eval mode (one error)."""
+    if example_inputs is not None or any(p.needs_flow for p in passes):
+        refuse_unusable(model, example_inputs)
+    reasons = list(dict.fromkeys(p.eval_reason for p in passes if p.eval_reason))
+    if model.training and reasons:
+        raise PreconditionError(f"the model is in training mode, where {' and '.join(reasons)}; "
+                                "call model.eval() first (CLI: --eval)")
+
+
 def _run_one(one_pass: ModulePass, ctx: PassContext, atol: float | None, rtol: float | None) -> Report:
-    report = Report(one_pass.name, model=ctx.model)
+    report = Report(one_pass.report_name, model=ctx.model)
+    applied = False
     for item in one_pass.plan(ctx):
         if isinstance(item, Skip):
             report.skipped.append(item)
-        else:
-            report.changes.extend(one_pass.apply(ctx, item))
+            continue
+        ctx.reference  # noqa: B018  (the original outputs, taken before the run's first edit)
+        report.changes.extend(one_pass.apply(ctx, item))
+        applied = True
+    checked = applied or one_pass.check_if_unchanged
+    if checked:
+        ctx.reference  # noqa: B018  (before finish, which may still change the model)
     one_pass.finish(ctx, report)
-    outputs = one_pass.outputs(ctx, report)
-    report.check = compare_outputs(ctx.reference, outputs, atol=atol, rtol=rtol, label=one_pass.check_label)
-    if not report.check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
-        one_pass.review(ctx, report, outputs)
+    check = _check(one_pass, ctx, report, atol, rtol) if checked else None
+    if check is not None:
+        report.check = check
     return report
+
+
+def _check(one_pass: ModulePass, ctx: PassContext, report: Report, atol: float | None,
+           rtol: float | None) -> Check | None:
+    if ctx.example_inputs is None:
+        return one_pass.check_without_inputs(ctx, atol, rtol)
+    outputs = one_pass.outputs(ctx, report)
+    check = compare_outputs(ctx.reference, outputs, atol=atol, rtol=rtol, label=one_pass.check_label)
+    if not check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
+        check = one_pass.review(ctx, report, outputs, check)
+    return check
 
 
 def merge_reports(reports: Sequence[Report]) -> Report:
     """One report for a sequence of passes: the first one's name and model, everything else in order."""
-    merged = Report(reports[0].pass_name, model=reports[0].model)
-    for report in reports:
+    merged = reports[0]
+    for report in reports[1:]:
         merged.changes.extend(report.changes)
         merged.skipped.extend(report.skipped)
         merged.checks.extend(report.checks)
@@ -194,7 +271,7 @@ def merge_reports(reports: Sequence[Report]) -> Report:
 
 
 def raise_if_failed(report: Report, subject: str) -> None:
-    """The one place a module pass raises on a failed check; the error carries the report."""
+    """The one place a failed check raises (``subject`` names the result); the error carries the report."""
     failed: Check | None = next((c for c in report.checks if not c.passed), None)
     if failed is not None:
         error = mismatch_error(failed, subject)

@@ -1,13 +1,29 @@
-"""The pass runner: one trace per run, each pass checked against the original, one place that raises."""
+"""The pass runner: one trace per run, each pass checked against the original, one place that raises.
+
+Tolerance: outputs the runner's checks call equal use the default check (fp32: |diff| <= 1e-5 +
+1e-4·max|out|); "untouched" and "unchanged" below are bit-identical (torch.equal).
+"""
 
 from __future__ import annotations
+
+import ast
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
+import normsurgeon
 import normsurgeon.pipeline as pipeline
+from tests.helpers import give_realistic_stats
 from normsurgeon.errors import PreconditionError, VerificationError
+from normsurgeon.passes.fold_batchnorm import FoldBatchNorm
+from normsurgeon.passes.fold_norm_affine import FoldNormAffines
+from normsurgeon.passes.registry import MODULE_PASSES, pre_export_passes
 from normsurgeon.pipeline import Edit, ModulePass, Sequential, run
 from normsurgeon.report import Change, Skip, SkipReason
 
@@ -24,7 +40,8 @@ class Net(nn.Module):
 class DoubleThenHalve(ModulePass):
     """Exact: scales a's output by 2 and b's input by 1/2 (b is linear, so the output is unchanged)."""
 
-    name, check_label, subject = "rescale", "rescaled vs original", "the rescaled model"
+    name, report_name = "double_then_halve", "rescale"
+    check_label, subject = "rescaled vs original", "the rescaled model"
 
     def plan(self, ctx):
         assert ctx.flow.calls_of(ctx.model.a)  # the shared trace is there
@@ -40,7 +57,8 @@ class DoubleThenHalve(ModulePass):
 
 
 class Break(ModulePass):
-    name, check_label, subject = "break", "broken vs original", "the broken model"
+    name, report_name = "break", "break"
+    check_label, subject = "broken vs original", "the broken model"
 
     def plan(self, ctx):
         yield Edit("b", ctx.model.b)
@@ -73,24 +91,145 @@ def test_a_sequential_traces_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_first_failed_check_stops_the_run_and_the_error_carries_the_report() -> None:
+    model = Net().eval()
+    a_before = model.a.weight.clone()
+
     with pytest.raises(VerificationError) as info:
-        run(Sequential(Break(), DoubleThenHalve()), Net().eval(), (torch.randn(2, 4),))
+        run(Sequential(Break(), DoubleThenHalve()), model, (torch.randn(2, 4),))
 
     report = info.value.report
     assert "the broken model differs from the original" in str(info.value)
-    assert [r.label for r in report.checks] == ["broken vs original"]  # the second pass never ran
+    assert [r.label for r in report.checks] == ["broken vs original"] and not report.passed
+    assert torch.equal(model.a.weight, a_before)  # the second pass never ran
 
 
-def test_inplace_false_leaves_the_original_untouched() -> None:
-    model = Net().eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    report = run(DoubleThenHalve(), model, (torch.randn(2, 4),), inplace=False)
-
-    assert report.model is not model
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_training_mode_is_refused_before_anything_runs() -> None:
+def test_training_mode_is_refused_once_with_every_pass_reason() -> None:
+    model = _conv_bn().train()
+    with pytest.raises(PreconditionError, match=r"training mode, where BatchNorm uses batch statistics and dropout "
+                                                r"is random; call model.eval\(\) first"):
+        run(Sequential(FoldBatchNorm(), FoldNormAffines()), model, (torch.randn(2, 3, 8, 8),))
+    assert isinstance(model[1], nn.BatchNorm2d)
     with pytest.raises(PreconditionError):
         run(DoubleThenHalve(), Net(), (torch.randn(2, 4),))
+
+
+# --------------------------------------------------------------------------- the real passes
+
+
+def _conv_bn() -> nn.Module:
+    return give_realistic_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), torch.randn(2, 3, 8, 8))
+
+
+def _ln_linear() -> nn.Module:
+    return give_realistic_stats(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)), torch.randn(2, 8))
+
+
+def _weight_normed_linear() -> nn.Module:
+    return nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 4)), nn.ReLU()).eval()
+
+
+# One small model per registered pass, on which that pass changes something: a new pass adds its case.
+CHANGED_BY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "fold_batchnorm": (_conv_bn, (2, 3, 8, 8)),
+    "fold_norm_affines": (_ln_linear, (2, 8)),
+    "remove_weight_norm": (_weight_normed_linear, (2, 8)),
+}
+
+
+def test_every_registered_pass_has_a_model_it_changes() -> None:
+    assert set(CHANGED_BY) == set(MODULE_PASSES)
+
+
+@pytest.mark.parametrize("name", sorted(MODULE_PASSES))
+def test_inplace_false_leaves_the_original_bit_identical(name: str) -> None:
+    build, shape = CHANGED_BY[name]
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(shape)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = [(path, type(m)) for path, m in model.named_modules()]
+    with torch.no_grad():
+        want = model(x)
+
+    report = run(MODULE_PASSES[name](), model, (x,), inplace=False)
+
+    assert report.changes and report.passed and report.model is not model
+    assert [(path, type(m)) for path, m in model.named_modules()] == structure
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_the_pre_export_passes_trace_once_and_check_each_pass_against_the_original(monkeypatch) -> None:
+    calls = []
+    real = pipeline.trace
+    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, x = _conv_bn(), torch.randn(2, 3, 8, 8)
+    parametrizations.weight_norm(model[0])
+    with torch.no_grad():
+        want = model(x)
+
+    report = run(pre_export_passes(fold=True), copy.deepcopy(model), (x,))
+
+    assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm"]
+    assert [c.label for c in report.checks] == ["without weight norm vs with", "folded vs original"] and report.passed
+    assert [c.action for c in report.changes] == ["weight norm removed", "folded"] and len(calls) == 1
+    torch.testing.assert_close(report.model(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pass_that_changed_nothing_and_need_not_say_so_is_not_run_on_the_inputs(monkeypatch) -> None:
+    """Export bakes weight norm on every model: one without it costs no forward pass."""
+    calls = []
+    real = pipeline.call_model
+    monkeypatch.setattr(pipeline, "call_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    report = run(pre_export_passes(fold=False), _conv_bn(), (torch.randn(2, 3, 8, 8),))
+
+    assert report.checks == [] and report.changes == [] and calls == []
+
+
+def test_fold_affine_traces_the_model_once(tmp_path: Path, cli, monkeypatch) -> None:
+    calls = []
+    real = pipeline.trace
+    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = give_realistic_stats(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 4)),
+                                 torch.randn(4, 8))
+    torch.save(model, tmp_path / "net.pt")
+
+    result = cli("fold", tmp_path / "net.pt", "--affine", "--input-shape", "4,8", "-o", tmp_path / "out.pt", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [(c["action"], c["module"], c["into"]) for c in report["changes"]] == [("folded", "1", "0"),
+                                                                               ("folded-affine", "2", "3")]
+    assert [c["label"] for c in report["checks"]] == ["folded vs original", "norm affines folded vs before"]
+    assert len(calls) == 1
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=False)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- one place raises
+
+PACKAGE = Path(normsurgeon.__file__).parent
+# Files that still build a VerificationError themselves, and why they are not the runner's to raise.
+RAISES_ELSEWHERE = {
+    "check.py": "mismatch_error builds the error the runner raises",
+    "onnx/optimize.py": "an ONNX file compared in onnxruntime: no module pass, no nn.Module",
+    "passes/recalibrate.py": "NaN/inf statistics after recalibration, which changes the outputs on purpose",
+    "passes/convert.py": "convert_norms is not a ModulePass yet (issue 14, WP4)",
+}
+
+
+def _builds_a_verification_error(path: Path) -> bool:
+    names = {"VerificationError", "mismatch_error"}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if (func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)) in names:
+                return True
+    return False
+
+
+def test_only_the_runner_raises_on_a_failed_check() -> None:
+    found = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if _builds_a_verification_error(p)}
+    assert found == {"pipeline.py", *RAISES_ELSEWHERE}

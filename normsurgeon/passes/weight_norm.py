@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,9 +33,10 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..check import compare_outputs
-from ..errors import PreconditionError, UsageError, VerificationError
+from ..errors import UsageError
 from ..io.data import Batch, check_fits, load_batches, to_model
-from ..report import Change, Report, Skip, SkipReason
+from ..pipeline import Edit, ModulePass, PassContext, raise_if_failed, run
+from ..report import Change, Check, Report, Skip, SkipReason
 from ..surgery import eval_mode, shared_parameter_ids, weight_norm_sites
 from ..trace import Trace, call_model, trace
 from .mean_only_bn import replace_batchnorms
@@ -136,11 +137,8 @@ def apply_weight_norm(
     before = _weights(model, types) if inputs is None else None
     normed = _apply_all(model, types, flow, report)
     report.check = _exactness(model, flow, inputs, before, atol, rtol, "weight-normed vs original")
-    if raise_on_mismatch and not report.check.passed:
-        raise VerificationError(
-            f"the weight-normed model differs from the original by {report.check.max_abs_diff:.3g}; "
-            "please report this model — in Python the model was changed in place (reload it); no file was written"
-        )
+    if raise_on_mismatch:
+        raise_if_failed(report, "the weight-normed model")
     if mean_only_bn:
         replace_batchnorms(model, flow, {m for _, m in normed}, inputs, report)
     if init_batches:
@@ -267,51 +265,57 @@ def remove_weight_norm(
     ``example_inputs`` (or layer by layer); a state_dict is rewritten into a new one whose keys
     load into the architecture built without weight norm.
     """
-    if isinstance(model_or_state_dict, Mapping):
-        report = _remove_from_state_dict(model_or_state_dict, atol, rtol)
-    else:
-        report = _remove_from_module(model_or_state_dict, example_inputs, atol, rtol)
-    if raise_on_mismatch and report.check is not None and not report.check.passed:
-        raise VerificationError(
-            f"removing weight norm changed the result by {report.check.max_abs_diff:.3g}; please report this model"
-        )
+    if not isinstance(model_or_state_dict, Mapping):
+        return run(RemoveWeightNorm(), model_or_state_dict, example_inputs, atol=atol, rtol=rtol,
+                   raise_on_mismatch=raise_on_mismatch)
+    report = _remove_from_state_dict(model_or_state_dict, atol, rtol)
+    if raise_on_mismatch:
+        raise_if_failed(report, "the baked state_dict")
     return report
 
 
-def _remove_from_module(model: nn.Module, inputs: Any, atol: float | None, rtol: float | None) -> Report:
-    report = Report("weightnorm remove", model=model)
-    reference = None
-    if inputs is not None:
-        try:
-            with eval_mode(model), torch.no_grad():
-                reference = call_model(model, inputs)
-        except Exception as exc:  # the user's model failed on the user's inputs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise PreconditionError(
-                f"the model failed on the example inputs ({type(exc).__name__}: {first}); check --input-shape/--inputs"
-            ) from exc
-    before, after = {}, {}
-    for path, module in list(model.named_modules()):
-        for name, style, dim in weight_norm_sites(module):
-            key = f"{path}.{name}" if path else name
-            if style == "parametrization" and len(module.parametrizations[name]) != 1:
-                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
-                report.skipped.append(Skip(path, SkipReason.PARAMETRIZED_WEIGHT,
-                                           f"{name} is parametrized by {kinds}; remove the others first"))
-                continue
-            before[key], after[key] = _bake_site(module, name, style)
-            report.changes.append(Change("weight norm removed", path, None, f"{name}: {style} API, dim={dim}"))
-        if not parametrize.is_parametrized(module):
-            _drop_compat_hooks(module)
-    if reference is not None:
-        with eval_mode(model), torch.no_grad():
-            report.check = compare_outputs(reference, call_model(model, inputs), atol=atol, rtol=rtol,
-                                           label="without weight norm vs with")
-    elif before:
-        report.check = compare_outputs(before, after, atol=atol, rtol=rtol,
-                                       label="plain weights vs weight-normed weights (no example inputs)")
-    report.facts["removed"] = len(report.changes)
-    return report
+class RemoveWeightNorm(ModulePass):
+    """Bake each weight norm (parametrization or hook API) into a plain weight, in eval mode if need be.
+
+    It reads no dataflow and needs no example inputs: without them each baked weight is checked
+    against torch's own weight norm. A model without weight norm is not checked (nothing changed).
+    """
+
+    name, report_name = "remove_weight_norm", "weightnorm remove"
+    check_label, subject = "without weight norm vs with", "the model without weight norm"
+    eval_reason = None  # weights do not depend on the mode; the check runs in eval mode
+    needs_flow = False
+    check_if_unchanged = False
+
+    def plan(self, ctx: PassContext) -> Iterator[Edit | Skip]:
+        """Each weight-norm site (name, API style, dim); one with other parametrizations stacked is skipped."""
+        for path, module in list(ctx.model.named_modules()):
+            for name, style, dim in weight_norm_sites(module):
+                if style == "parametrization" and len(module.parametrizations[name]) != 1:
+                    kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+                    yield Skip(path, SkipReason.PARAMETRIZED_WEIGHT, f"{name} is parametrized by {kinds}; "
+                               "remove the others first")
+                else:
+                    yield Edit(path, module, (name, style, dim))
+
+    def apply(self, ctx: PassContext, edit: Edit) -> list[Change]:
+        name, style, dim = edit.plan
+        key = f"{edit.path}.{name}" if edit.path else name
+        before, after = ctx.state.setdefault(self.name, ({}, {}))
+        before[key], after[key] = _bake_site(edit.target, name, style)
+        return [Change("weight norm removed", edit.path, None, f"{name}: {style} API, dim={dim}")]
+
+    def finish(self, ctx: PassContext, report: Report) -> None:
+        for module in ctx.model.modules():
+            if not parametrize.is_parametrized(module):
+                _drop_compat_hooks(module)
+        report.facts["removed"] = len(report.changes)
+
+    def check_without_inputs(self, ctx: PassContext, atol: float | None, rtol: float | None) -> Check:
+        """Every baked weight against the one torch's weight norm computed."""
+        before, after = ctx.state[self.name]
+        return compare_outputs(before, after, atol=atol, rtol=rtol,
+                               label="plain weights vs weight-normed weights (no example inputs)")
 
 
 def _bake_site(module: nn.Module, name: str, style: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,23 @@
+"""The module passes by name, and the pipelines built from them.
+
+Adding a pass: write it under ``passes/`` as a :class:`~normsurgeon.pipeline.ModulePass` and list
+its class here; :func:`~normsurgeon.pipeline.run` does the rest (docs/design.md, "Adding a pass").
+"""
+
+from __future__ import annotations
+
+from ..pipeline import ModulePass, Sequential
+from .fold_batchnorm import FoldBatchNorm
+from .fold_norm_affine import FoldNormAffines
+from .weight_norm import RemoveWeightNorm
+
+MODULE_PASSES: dict[str, type[ModulePass]] = {cls.name: cls for cls in (FoldBatchNorm, FoldNormAffines, RemoveWeightNorm)}
+
+
+def pre_export_passes(*, fold: bool) -> Sequential:
+    """What export runs on its copy of the model before exporting, in order (one trace for all).
+
+    Weight norm is always baked into plain weights (the file then ships w, not g·v/‖v‖ computed at
+    run time); BatchNorm folding runs unless ``fold`` is False.
+    """
+    return Sequential(RemoveWeightNorm(), *([FoldBatchNorm()] if fold else []))
