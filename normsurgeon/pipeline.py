@@ -31,9 +31,9 @@ away is still seen feeding that BatchNorm).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -65,7 +65,7 @@ class PassContext:
     example_inputs: tuple | dict | None
     state: dict[str, Any] = field(default_factory=dict)  # a pass's own working state for this run, by pass name
 
-    @cached_property
+    @functools.cached_property
     def flow(self) -> Trace:
         """The model's dataflow, traced when a pass first needs it (once per run)."""
         if self.example_inputs is None:
@@ -76,7 +76,7 @@ class PassContext:
         require_tensor_outputs(flow.outputs)
         return flow
 
-    @cached_property
+    @functools.cached_property
     def reference(self) -> Any:
         """The original outputs every check compares with (the trace's if traced by then, else one forward).
 
@@ -94,12 +94,12 @@ class PassContext:
         require_tensor_outputs(outputs)
         return outputs
 
-    @cached_property
+    @functools.cached_property
     def shared(self) -> set[int]:
         """Parameters used by more than one module (never edited in place); worked out once per pass."""
         return shared_parameter_ids(self.model)
 
-    @cached_property
+    @functools.cached_property
     def parents(self) -> ParentIndex:
         """Where each module is registered (for replace_module); worked out once per pass."""
         return module_parents(self.model)
@@ -260,14 +260,7 @@ def _check(one_pass: ModulePass, ctx: PassContext, report: Report, atol: float |
 
 def merge_reports(reports: Sequence[Report]) -> Report:
     """One report for a sequence of passes: the first one's name and model, everything else in order."""
-    merged = reports[0]
-    for report in reports[1:]:
-        merged.changes.extend(report.changes)
-        merged.skipped.extend(report.skipped)
-        merged.checks.extend(report.checks)
-        merged.notes.extend(report.notes)
-        merged.facts.update({k: v for k, v in report.facts.items() if k not in merged.facts})
-    return merged
+    return functools.reduce(Report.merge, reports)
 
 
 def raise_if_failed(report: Report, subject: str) -> None:

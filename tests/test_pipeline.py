@@ -28,6 +28,15 @@ from normsurgeon.pipeline import Edit, ModulePass, Sequential, run
 from normsurgeon.report import Change, Skip, SkipReason
 
 
+@pytest.fixture
+def traces(monkeypatch: pytest.MonkeyPatch) -> list:
+    """One entry per trace the runner takes in the test."""
+    calls: list = []
+    real = pipeline.trace
+    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -80,14 +89,10 @@ def test_a_pass_is_planned_applied_and_checked_against_the_original() -> None:
     torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
 
 
-def test_a_sequential_traces_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = pipeline.trace
-    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
-
+def test_a_sequential_traces_once(traces: list) -> None:
     report = run(Sequential(DoubleThenHalve(), DoubleThenHalve()), Net().eval(), (torch.randn(2, 4),))
 
-    assert len(calls) == 1 and len(report.checks) == 2 and report.passed
+    assert len(traces) == 1 and len(report.checks) == 2 and report.passed
 
 
 def test_the_first_failed_check_stops_the_run_and_the_error_carries_the_report() -> None:
@@ -159,10 +164,7 @@ def test_inplace_false_leaves_the_original_bit_identical(name: str) -> None:
         assert torch.equal(model(x), want)
 
 
-def test_the_pre_export_passes_trace_once_and_check_each_pass_against_the_original(monkeypatch) -> None:
-    calls = []
-    real = pipeline.trace
-    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_the_pre_export_passes_trace_once_and_check_each_pass_against_the_original(traces: list) -> None:
     model, x = _conv_bn(), torch.randn(2, 3, 8, 8)
     parametrizations.weight_norm(model[0])
     with torch.no_grad():
@@ -172,7 +174,7 @@ def test_the_pre_export_passes_trace_once_and_check_each_pass_against_the_origin
 
     assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm"]
     assert [c.label for c in report.checks] == ["without weight norm vs with", "folded vs original"] and report.passed
-    assert [c.action for c in report.changes] == ["weight norm removed", "folded"] and len(calls) == 1
+    assert [c.action for c in report.changes] == ["weight norm removed", "folded"] and len(traces) == 1
     torch.testing.assert_close(report.model(x), want, rtol=1e-4, atol=1e-5)
 
 
@@ -187,10 +189,7 @@ def test_a_pass_that_changed_nothing_and_need_not_say_so_is_not_run_on_the_input
     assert report.checks == [] and report.changes == [] and calls == []
 
 
-def test_fold_affine_traces_the_model_once(tmp_path: Path, cli, monkeypatch) -> None:
-    calls = []
-    real = pipeline.trace
-    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_fold_affine_traces_the_model_once(tmp_path: Path, cli, traces: list) -> None:
     model = give_realistic_stats(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.LayerNorm(8), nn.Linear(8, 4)),
                                  torch.randn(4, 8))
     torch.save(model, tmp_path / "net.pt")
@@ -202,7 +201,7 @@ def test_fold_affine_traces_the_model_once(tmp_path: Path, cli, monkeypatch) -> 
     assert [(c["action"], c["module"], c["into"]) for c in report["changes"]] == [("folded", "1", "0"),
                                                                                ("folded-affine", "2", "3")]
     assert [c["label"] for c in report["checks"]] == ["folded vs original", "norm affines folded vs before"]
-    assert len(calls) == 1
+    assert len(traces) == 1
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=False)(x), model(x), rtol=1e-4, atol=1e-5)
