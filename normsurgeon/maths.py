@@ -82,3 +82,39 @@ def input_shift_contribution(weight: torch.Tensor, shift: torch.Tensor, *, group
             chunk = weight[rows].to(torch.float64, copy=True).mul_(factor.to(weight.device))
             parts.append(chunk.reshape(chunk.shape[0], -1).sum(dim=1))
     return torch.cat(parts) if parts else weight.new_zeros(0, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------- merging conv kernels
+# Parallel convs of one input, summed, are one conv (structural reparameterization, RepVGG):
+#     sum_i conv(x, W_i, b_i) = conv(x, sum_i W_i', sum_i b_i)
+# when they share stride and dilation and their kernels line up once zero-padded to a common size
+# (:func:`pad_kernel`), and each is written with the common number of groups (:func:`regroup_kernel`).
+
+
+def regroup_kernel(weight: torch.Tensor, groups: int, to_groups: int) -> torch.Tensor:
+    """The kernel of a conv with ``groups`` groups, written for ``to_groups`` groups (a divisor of ``groups``).
+
+    ``weight`` is (out, in / groups, *kernel); the result is (out, in / to_groups, *kernel) with zeros
+    where an output channel did not read an input channel. Exact.
+    """
+    if groups % to_groups:
+        raise ValueError(f"{to_groups} groups cannot hold a conv with {groups} groups")
+    if to_groups == groups:
+        return weight
+    out_channels, per_group, *kernel = weight.shape
+    columns = per_group * groups // to_groups
+    rows = torch.arange(out_channels, device=weight.device)
+    source = rows // (out_channels // groups)  # the input block each output channel reads
+    target = rows // (out_channels // to_groups)  # the input block it is written into
+    channel = target[:, None] * columns + torch.arange(columns, device=weight.device)[None, :]
+    local = channel - source[:, None] * per_group
+    inside = (local >= 0) & (local < per_group)
+    spread = (out_channels, columns, *([1] * len(kernel)))
+    index = local.clamp(0, per_group - 1).reshape(spread).expand(out_channels, columns, *kernel)
+    return weight.gather(1, index) * inside.reshape(spread).to(weight.dtype)
+
+
+def pad_kernel(weight: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
+    """``weight`` (out, in, *kernel) with ``pads[d]`` zero taps on both sides of spatial dim ``d``."""
+    flat = [p for pad in reversed(pads) for p in (pad, pad)]  # F.pad lists the last dim first
+    return torch.nn.functional.pad(weight, flat) if any(pads) else weight

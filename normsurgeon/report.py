@@ -36,6 +36,7 @@ class SkipReason(enum.Enum):
     LAZY_UNINITIALIZED = "a lazy module whose weight is not initialized yet"
     NOT_AFTER_WEIGHT_NORM = "its input does not come straight from a weight-normed layer"
     OPSET_TOO_OLD = "the model's opset has no native op for it"
+    BRANCHES_NOT_MERGEABLE = "its parallel branches cannot be merged into one conv exactly"
 
 
 class Action(str, enum.Enum):
@@ -57,6 +58,7 @@ class Action(str, enum.Enum):
     INITIALISED = "initialised"
     RECALIBRATED = "recalibrated"
     GROUPED = "grouped"
+    REPARAMETERIZED = "reparameterized"
 
     def __str__(self) -> str:
         return self.value
