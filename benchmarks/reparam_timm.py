@@ -13,7 +13,6 @@ includes its trace and the check of its result, timm's has no check)::
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from collections.abc import Callable

@@ -113,7 +113,8 @@ def _buffer_stats(module: _BatchNorm) -> BatchNormStats:
     return stats
 
 
-def split_batchnorm_act(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> tuple[BatchNormStats, nn.Module]:
+def split_batchnorm_act(module: nn.Module,
+                        input_shape: tuple[int, ...] | None = None) -> tuple[BatchNormStats, nn.Module]:
     """A BatchNorm-like module as its test-time statistics and the part it applies after the norm.
 
     For a plain BatchNorm the second part is ``nn.Identity()``. A module with BatchNorm tensors and
@@ -130,8 +131,8 @@ def split_batchnorm_act(module: nn.Module, input_shape: tuple[int, ...] | None =
         raise Refusal(SkipReason.NOT_A_NORM, f"{type(module).__name__} has no BatchNorm tensors")
     stats = _buffer_stats(module) if isinstance(module, _BatchNorm) else _frozen_stats(module)
     if input_shape is None or len(input_shape) < 2 or input_shape[1] != stats.num_features:
-        raise Refusal(SkipReason.NOT_CALLED, f"its input shape {input_shape} does not show what {type(module).__name__} "
-                      "computes; it must be (N, C, ...) with C its number of features")
+        raise Refusal(SkipReason.NOT_CALLED, f"its input shape {input_shape} does not show what "
+                      f"{type(module).__name__} computes; it must be (N, C, ...) with C its number of features")
     return stats, _activation_after(module, stats, len(input_shape))
 
 

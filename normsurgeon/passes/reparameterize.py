@@ -136,9 +136,9 @@ class Form:
     def conv(self) -> nn.Module:
         """The one conv this form is (float64 sums, cast once to the model's dtype)."""
         g = self.geometry
+        ones = [1] * (len(g.kernel) + 1)
         weight = sum(
-            pad_kernel(regroup_kernel(t.kernel() * t.scale.view(-1, *[1] * (len(g.kernel) + 1)), t.geometry.groups,
-                                      g.groups),
+            pad_kernel(regroup_kernel(t.kernel() * t.scale.view(-1, *ones), t.geometry.groups, g.groups),
                        tuple((p - tp) // d for p, tp, d in zip(g.padding, t.geometry.padding, g.dilation)))
             for t in self.terms
         )
@@ -350,8 +350,8 @@ def _conv_form(node: Node, root: Form, geometry: Geometry) -> Form:
         like = module.weight
     else:
         label = f"avg-pool {'x'.join(map(str, geometry.kernel))}"
-        taps = math.prod(geometry.kernel)
-        kernel = lambda: torch.full((geometry.out_channels, 1, *geometry.kernel), 1 / taps, dtype=torch.float64)  # noqa: E731
+        shape, tap = (geometry.out_channels, 1, *geometry.kernel), 1 / math.prod(geometry.kernel)
+        kernel = lambda: torch.full(shape, tap, dtype=torch.float64)  # noqa: E731
         bias, like = torch.zeros(geometry.out_channels, dtype=torch.float64), None
     term = Term(label, geometry, kernel, torch.ones(geometry.out_channels, dtype=torch.float64))
     return Form(root.root, (term,), bias, geometry, (node,), like if like is not None else root.like)
@@ -372,7 +372,7 @@ def _with_number(form: Form, name: str, number: float, node: Node) -> Form | Non
 
 
 def _per_channel(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """``tensor`` as one float64 value per channel (dim 1) of a value of ``shape``, or None if it broadcasts otherwise."""
+    """``tensor`` as one float64 value per channel (dim 1) of a value of ``shape`` (None: it broadcasts otherwise)."""
     if not tensor.is_floating_point() or tensor.dim() > len(shape):
         return None
     full = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
@@ -383,7 +383,7 @@ def _per_channel(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor |
 
 def _channel_affine(module: nn.Module, shape: tuple[int, ...], like: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(scale, shift) per channel when the leaf ``module`` behaves as ``scale · x + shift`` on probes (a layer scale)."""
+    """(scale, shift) per channel when the leaf ``module`` behaves as ``scale · x + shift`` on probes (layer scale)."""
     own = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), like)
     dtype, device = (own.dtype, own.device) if own is not None else (torch.float32, None)
     probe = (2, shape[1], *[3] * (len(shape) - 2))
