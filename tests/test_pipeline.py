@@ -133,11 +133,25 @@ def _weight_normed_linear() -> nn.Module:
     return nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 4)), nn.ReLU()).eval()
 
 
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _two_branches() -> nn.Module:
+    return nn.Sequential(_TwoBranches()).eval()
+
+
 # One small model per registered pass, on which that pass changes something: a new pass adds its case.
 CHANGED_BY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "fold_batchnorm": (_conv_bn, (2, 3, 8, 8)),
     "fold_norm_affines": (_ln_linear, (2, 8)),
     "remove_weight_norm": (_weight_normed_linear, (2, 8)),
+    "reparameterize": (_two_branches, (2, 3, 8, 8)),
 }
 
 

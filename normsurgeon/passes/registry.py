@@ -9,9 +9,12 @@ from __future__ import annotations
 from ..pipeline import ModulePass, Sequential
 from .fold_batchnorm import FoldBatchNorm
 from .fold_norm_affine import FoldNormAffines
+from .reparameterize import Reparameterize
 from .weight_norm import RemoveWeightNorm
 
-MODULE_PASSES: dict[str, type[ModulePass]] = {cls.name: cls for cls in (FoldBatchNorm, FoldNormAffines, RemoveWeightNorm)}
+MODULE_PASSES: dict[str, type[ModulePass]] = {
+    cls.name: cls for cls in (FoldBatchNorm, FoldNormAffines, RemoveWeightNorm, Reparameterize)
+}
 
 
 def pre_export_passes(*, fold: bool) -> Sequential:
