@@ -325,3 +325,11 @@ def test_the_comparison_never_reads_its_input_into_float64_whole_nor_writes_to_i
     assert chunked.peak <= 6 * check._CHUNK_ELEMENTS * 8 < one_output  # a few float64 chunks, whatever n is
     for tensor, copy_before in zip((ref, new), before):
         torch.testing.assert_close(tensor, copy_before, equal_nan=True, atol=0, rtol=0)
+
+
+def test_the_rounding_noise_distance_is_taken_in_chunks_and_a_nan_anywhere_makes_it_nan(monkeypatch):
+    monkeypatch.setattr(check, "_CHUNK_ELEMENTS", 7)
+    ref, new = _pair("close")
+    assert check._max_abs_difference(ref, new) == (ref.double() - new.double()).abs().max().item()
+    new[9, 99] = float("nan")  # in the last chunk, after the largest difference
+    assert math.isnan(check._max_abs_difference(ref, new))
