@@ -27,10 +27,11 @@ from ..dataflow import Refusal, channel_axis, check_editable, describe, producer
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, batchnorm_stats, is_batchnorm_like, never_updated
-from ..pipeline import Edit, ModulePass, PassContext, run
+from ..pipeline import Edit, ModulePass, PassContext, Sequential, run
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import editable_weight, ensure_bias, hooks_lost_by_replacing, replace_module, turn_into_identity
 from ..trace import Node, Trace
+from .reparameterize import Reparameterize
 
 _CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -60,6 +61,7 @@ def fold_batchnorm(
     inplace: bool = True,
     unfoldable: Literal["keep", "affine"] = "keep",
     allow_default_stats: bool = False,
+    reparameterize: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
     raise_on_mismatch: bool = True,
@@ -69,10 +71,44 @@ def fold_batchnorm(
     ``example_inputs`` (a tuple of positional or a dict of keyword arguments) drive the trace
     that proves the dataflow and the check that compares the folded model with the original.
     With ``inplace=False`` the model is deep-copied first; ``report.model`` is the folded model.
+    Summed conv+BN branches are merged into one conv first (``reparameterize=False``: not).
     A failed check raises :class:`VerificationError` (with ``raise_on_mismatch``).
     """
-    return run(FoldBatchNorm(unfoldable=unfoldable, allow_default_stats=allow_default_stats), model, example_inputs,
-               inplace=inplace, atol=atol, rtol=rtol, raise_on_mismatch=raise_on_mismatch)
+    passes = fold_passes(unfoldable=unfoldable, allow_default_stats=allow_default_stats, reparameterize=reparameterize)
+    return run_fold(passes, model, example_inputs, inplace=inplace, atol=atol, rtol=rtol,
+                    raise_on_mismatch=raise_on_mismatch)
+
+
+def fold_passes(*, unfoldable: Literal["keep", "affine"] = "keep", allow_default_stats: bool = False,
+                reparameterize: bool = True) -> Sequential:
+    """What ``fold`` runs: :class:`Reparameterize` (unless turned off), then :class:`FoldBatchNorm`.
+
+    Merging summed conv+BN branches first (RepVGG, MobileOne) leaves one conv per block and the
+    BNs it absorbed gone; the fold then folds what is left. Both read the run's one trace.
+    """
+    fold = FoldBatchNorm(unfoldable=unfoldable, allow_default_stats=allow_default_stats)
+    return Sequential(Reparameterize(), fold) if reparameterize else Sequential(fold)
+
+
+def run_fold(passes: Sequential, model: nn.Module, example_inputs: tuple | dict, **options: Any) -> Report:
+    """:func:`~normsurgeon.pipeline.run` for a fold pipeline: the report is named ``fold`` whatever runs first."""
+    report = run(passes, model, example_inputs, **options)
+    report.pass_name = FoldBatchNorm.report_name
+    return report
+
+
+def batchnorms_left(report: Report) -> list[str]:
+    """Each BatchNorm a fold's result still holds, as ``'path (why)'``: what ``fold --strict`` refuses.
+
+    For a module, every BatchNorm-like module still in ``report.model`` (plain, frozen, or with its
+    activation inside), whatever the reason; for a ``.pt2``, every batch_norm node the fold skipped.
+    """
+    why = {skip.module: skip.message for skip in report.skipped}
+    if isinstance(report.model, nn.Module):
+        paths = [path for path, _ in _batchnorm_modules(report.model)]
+    else:
+        paths = list(dict.fromkeys(skip.module for skip in report.skipped))
+    return [f"{path} ({why.get(path, 'not folded')})" for path in paths]
 
 
 class FoldBatchNorm(ModulePass):

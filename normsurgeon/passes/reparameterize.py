@@ -520,6 +520,7 @@ class Reparameterize(ModulePass):
     check_label = "reparameterized vs original"
     subject = "the reparameterized model"
     rounding_noise_ok = True  # exact in float64; a deep net amplifies the one rounding of each merged weight
+    check_if_unchanged = False  # nothing merged: nothing to check (fold and export run it on every model)
 
     def plan(self, ctx: PassContext) -> Iterator[Edit | Skip]:
         reader = FormReader(ctx.flow)

@@ -127,7 +127,7 @@ class ConvToBNAndResidual(nn.Module):
 
 
 def test_conv_feeding_bn_and_a_residual_branch_is_not_folded():
-    report, expected, got = _folded(ConvToBNAndResidual(), torch.randn(2, 3, 5, 5))
+    report, expected, got = _folded(ConvToBNAndResidual(), torch.randn(2, 3, 5, 5), reparameterize=False)
     (skip,) = report.skipped
     assert "conv (Conv2d)'s output also goes to add()" in skip.detail
     assert report.changes == [] and torch.equal(got, expected)
@@ -168,7 +168,7 @@ class TwoConvsOneBN(nn.Module):
 
 
 def test_bn_applied_to_two_different_convs_is_not_folded():
-    report, expected, got = _folded(TwoConvsOneBN(), torch.randn(2, 3, 4, 4))
+    report, expected, got = _folded(TwoConvsOneBN(), torch.randn(2, 3, 4, 4), reparameterize=False)
     (skip,) = report.skipped
     assert "its calls read different layers" in skip.detail
 
@@ -247,7 +247,7 @@ class SharedConv(nn.Module):
 
 
 def test_shared_weight_is_never_folded_in_place():
-    report, expected, got = _folded(SharedConv(), torch.randn(2, 3, 4, 4))
+    report, expected, got = _folded(SharedConv(), torch.randn(2, 3, 4, 4), reparameterize=False)
     assert [s.reason for s in report.skipped] == [SkipReason.SHARED_PARAMETER]
     assert torch.equal(got, expected)
 

@@ -86,7 +86,7 @@ class ConvBNPlusResidual(nn.Module):
 
 def test_conv_feeding_a_bn_and_a_residual_branch_is_not_folded():
     x = _x(2, 3, 6, 6)
-    report, got, expected = _fold(give_realistic_stats(ConvBNPlusResidual(), x), (x,))
+    report, got, expected = _fold(give_realistic_stats(ConvBNPlusResidual(), x), (x,), reparameterize=False)
     _assert_refused(report, got, expected, "bn", SkipReason.NO_FOLDABLE_NEIGHBOUR, "conv (Conv2d)'s output also goes to add()")
     assert "its output goes to relu()" in report.skipped[0].detail  # and the consumer side was tried too
 
@@ -403,7 +403,7 @@ class TiedConvs(nn.Module):
 
 def test_tied_weights_are_never_folded_even_when_each_user_has_a_bn():
     x = _x(2, 3, 4, 4)
-    report, got, expected = _fold(give_realistic_stats(TiedConvs(), x), (x,))
+    report, got, expected = _fold(give_realistic_stats(TiedConvs(), x), (x,), reparameterize=False)
     assert report.changes == []
     assert [(s.module, s.reason, s.detail) for s in report.skipped] == [
         ("bn_a", SkipReason.SHARED_PARAMETER, "a shares its weight with another module"),
