@@ -1,7 +1,7 @@
 """What every pass reads off the traced dataflow: refusals, walks through layout ops, neighbours, editability.
 
 The passes plan from the same questions: which layer produces a norm's input (looking through a
-``transpose`` or an ``nn.Identity``), which nodes read its output, is that layer's weight free to
+``transpose``, an ``nn.Identity`` or a reshape that keeps the channel axis), which nodes read its output, is that layer's weight free to
 edit, and how to say why not. They are answered here, once; a pass imports them from this module
 and never from another pass.
 
@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import axis_after, axis_before, is_layout_op
+from .layout import axis_after, axis_before, is_layout_op, is_reshape, keeps_axes, reads_only_shape
 from .report import Skip, SkipReason
 from .surgery import editable_weight, foreign_hooks
 from .trace import Node, Trace, Value
 
 PRODUCERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
-_SAME_AXES = frozenset({"contiguous", "clone"})
 
 
 class Refusal(Exception):
@@ -56,9 +55,15 @@ def describe(node: Node) -> str:
     return f"{node.name}()"
 
 
+def readers(value: Value) -> list[Node]:
+    """The nodes that read ``value``'s numbers: its users but those that read only its shape (``reshape_as``)."""
+    return [user for user in value.users if not reads_only_shape(user, value)]
+
+
 def single_user(value: Value) -> Node | None:
-    """The one node reading ``value``, or None when it has no reader or several."""
-    return value.users[0] if len(value.users) == 1 else None
+    """The one node reading ``value``'s numbers, or None when it has no reader or several."""
+    found = readers(value)
+    return found[0] if len(found) == 1 else None
 
 
 def channel_axis(module: nn.Module, rank: int) -> int:
@@ -69,9 +74,7 @@ def channel_axis(module: nn.Module, rank: int) -> int:
 def is_passthrough(node: Node) -> bool:
     """An op that hands its input on unchanged, axes included (eval Dropout, Identity, contiguous,
     a ``.to(device)`` without a dtype)."""
-    if _is_device_move(node):
-        return True
-    return is_layout_op(node) and (node.kind == "module" or node.name in _SAME_AXES)
+    return _is_device_move(node) or keeps_axes(node)
 
 
 def _is_device_move(node: Node) -> bool:
@@ -92,32 +95,48 @@ def walk_up(flow: Trace, call: Node, *, through: Through = is_layout_op,
 
     Returns ``(value, axis, reader)``: the first value not produced by such an op (None when the
     call, or an op on the way, has no tensor input), the channel axis ``axis`` of the call's input
-    has in that value (None when not tracked), and the node on the way that reads ``value``.
+    has in that value (None when not tracked), and the node on the way that reads ``value``. A
+    reshape is looked through only while it keeps the tracked axis whole.
     """
     value, reader = flow.data_input(call), call
     while value is not None and through(value.producer) and single_user(value) is reader:
-        reader = value.producer
-        if axis is not None and is_layout_op(reader):
-            axis = axis_before(reader, axis)
+        goes_on, moved = _carry(value.producer, axis, axis_before)
+        if not goes_on:
+            break
+        reader, axis = value.producer, moved
         value = flow.data_input(reader)
     return value, axis, reader
 
 
 def walk_down(value: Value, *, through: Through = is_layout_op,
               axis: int | None = None) -> Iterator[tuple[Node, int | None, Value]]:
-    """Every node that reads ``value``, looking through ``through`` ops, in trace order.
+    """Every node that reads ``value``'s numbers, looking through ``through`` ops, in trace order.
 
     Yields ``(node, axis, read)``: the reader, where axis ``axis`` of ``value`` is in the value it
     reads (None when not tracked), and that value. A ``through`` op whose output nobody reads ends
-    its branch with nothing. ``through`` ops must keep values: layout ops, whose axes are tracked,
-    or ops that keep their axes (:func:`is_passthrough`).
+    its branch with nothing; a reshape that does not keep the tracked axis whole is a reader.
+    ``through`` ops must keep values: layout ops, whose axes are tracked, or ops that keep their
+    axes (:func:`is_passthrough`). A node that reads ``value`` for its shape only is no reader.
     """
-    for user in value.users:
-        if through(user) and user.outputs:
-            after = axis_after(user, axis) if axis is not None and is_layout_op(user) else axis
-            yield from walk_down(user.outputs[0], through=through, axis=after)
+    for user in readers(value):
+        goes_on, moved = _carry(user, axis, axis_after) if through(user) and user.outputs else (False, axis)
+        if goes_on:
+            yield from walk_down(user.outputs[0], through=through, axis=moved)
         else:
             yield user, axis, value
+
+
+def _carry(op: Node, axis: int | None, move: Callable[[Node, int], int | None]) -> tuple[bool, int | None]:
+    """Whether a walk goes on through ``op``, and where ``axis`` is on its other side (``move``: which way).
+
+    A reshape is gone through only with a tracked axis it keeps: an untracked one might be merged.
+    """
+    if not is_layout_op(op):
+        return True, axis
+    if axis is None:
+        return not is_reshape(op), None
+    moved = move(op, axis)
+    return moved is not None, moved
 
 
 def users_through(value: Value) -> list[tuple[Node, Value]]:
@@ -152,7 +171,7 @@ def producer_targets(flow: Trace, calls: list[Node], kinds: tuple[type[nn.Module
         if not (producer.kind == "module" and isinstance(producer.module, kinds)):
             raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its input comes from {label}")
         if single_user(value) is not reader:
-            others = ", ".join(describe(u) for u in value.users if u is not reader)
+            others = ", ".join(describe(u) for u in readers(value) if u is not reader)
             raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s output also goes to {others}")
         if axis != channel_axis(producer.module, len(value.shape)):
             raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{label}'s channels are not the norm's channels")
