@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -33,6 +36,59 @@ def hf_model(name: str) -> nn.Module:
     else:
         raise KeyError(name)
     return randomize_affine(model, torch.Generator().manual_seed(0)).eval()
+
+
+TEXT = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "max_position_embeddings": 64}
+# What users save with save_pretrained: the generative heads (exported no-cache), vision backbones.
+PRETRAINED = ("bert", "vit", "resnet", "mobilenetv2", "llama", "qwen2", "gpt2", "t5", "whisper")
+TEXT_MODELS = ("bert", "llama", "qwen2", "gpt2", "t5", "whisper")
+
+
+def pretrained_model(name: str) -> nn.Module:
+    """A tiny randomly initialised model of a class users save_pretrained (hidden 32, 2 layers), norm affines
+    randomized and BatchNorms given calibrated-looking statistics, eval mode. Names: :data:`PRETRAINED`."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    small = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4} if name == "t5" else {}
+    builders = {
+        "bert": lambda: tf.BertModel(tf.BertConfig(**TEXT)),
+        "vit": lambda: tf.ViTModel(tf.ViTConfig(**{k: v for k, v in TEXT.items() if k not in ("vocab_size",
+                                                   "max_position_embeddings")}, image_size=32, patch_size=8)),
+        "resnet": lambda: tf.ResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])),
+        "mobilenetv2": lambda: tf.MobileNetV2Model(tf.MobileNetV2Config(image_size=32, depth_multiplier=0.25)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**TEXT, num_key_value_heads=2)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                        n_positions=64, bos_token_id=0, eos_token_id=0)),
+        "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, **small, decoder_start_token_id=0)),
+        "whisper": lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+            vocab_size=VOCAB, num_mel_bins=8, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+            max_target_positions=32, decoder_start_token_id=0, pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    }
+    model = randomize_affine(builders[name](), torch.Generator().manual_seed(0))
+    if name in ("resnet", "mobilenetv2"):
+        from tests.helpers import give_realistic_stats
+
+        give_realistic_stats(model, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    return model.eval()
+
+
+def pretrained_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, nn.Module]]:
+    """``get(name)``: a :func:`pretrained_model` and its save_pretrained directory, each built on first use
+    (for a module-scoped fixture: a module only pays for the architectures it tests)."""
+    built: dict[str, tuple[Path, nn.Module]] = {}
+
+    def get(name: str) -> tuple[Path, nn.Module]:
+        if name not in built:
+            model = pretrained_model(name)
+            folder = tmp_path_factory.mktemp("pretrained") / name
+            model.save_pretrained(folder)
+            built[name] = folder, model
+        return built[name]
+
+    return get
 
 
 def hf_inputs(name: str, seed: int = 0, batch: int = 2) -> tuple | dict:

@@ -40,6 +40,11 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @click.option("--opset", type=int, default=None,
               help="ONNX opset (default 23: the highest where onnxruntime runs the export and "
                    "LayerNorm, GroupNorm and RMSNorm are native ops).")
+@click.option("--dynamic", "dynamic", multiple=True, is_flag=False, flag_value="", metavar="[NAME:AXIS=SYMBOL,...]",
+              help="Symbolic input dims. Alone: batch and sequence for token inputs (decoder_* their own sequence), "
+                   "batch, height and width for pixel_values, batch and time for audio, batch for the rest; "
+                   "an axis the model fixes stays static, with a note. NAME:AXIS=SYMBOL[,AXIS=SYMBOL] "
+                   "(repeatable): exactly these axes of that input. Verified at two sizes along each axis.")
 @click.option("--dynamic-batch", is_flag=True,
               help="Make dim 0 of every input symbolic; the file is then verified at two batch sizes.")
 @_PROVIDER
@@ -49,8 +54,8 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
            weights: Path | None,
            input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
-           as_json: bool, verbose: bool, no_fold: bool, opset: int | None, dynamic_batch: bool, providers: str,
-           atol: float | None, rtol: float | None) -> None:
+           as_json: bool, verbose: bool, no_fold: bool, opset: int | None, dynamic: tuple[str, ...],
+           dynamic_batch: bool, providers: str, atol: float | None, rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -58,19 +63,22 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     output of onnxruntime with the original torch model. Exits 0 only when every output matches.
 
     \b
-    Example:
+    Examples:
       normsurgeon export models/examples/resnet18.pt -o resnet18.onnx --input-shape 1,3,32,32
+      normsurgeon export llama-dir/ --dynamic    # batch and sequence symbolic
     """
+    from ..onnx.dynamic_axes import parse_dynamic
     from ..onnx.export import export_onnx
 
+    axes = parse_dynamic(dynamic)  # a bad spec fails before the model loads
     loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
                         weights=weights)
     reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
     out_path = check_output_path(output or onnx_path_for(model_path), force=force, protect=reads)
     inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
     report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
-                         dynamic_batch=dynamic_batch, providers=providers, atol=atol, rtol=rtol, force=force,
-                         protect=reads, verbose=verbose)
+                         dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
+                         rtol=rtol, force=force, protect=reads, verbose=verbose)
     report.notes[:0] = [*loaded.notes, inputs.description]
     facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path)}
     emit(report, as_json=as_json, title="normsurgeon export", facts=facts, extra={"output": str(out_path)})

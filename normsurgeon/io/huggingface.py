@@ -73,7 +73,7 @@ def load_pretrained_dir(folder: Path) -> nn.Module:
     config = _read_config(folder)
     model_class = _model_class(transformers, config, folder)
     _check_pickled_weights(folder)
-    with offline():
+    with offline(), quiet_transformers():
         try:
             model = model_class.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers explains missing or mismatched weights in its message
@@ -127,6 +127,22 @@ def _check_pickled_weights(folder: Path) -> None:
     """pytorch_model.bin files are pickles: the same tensor-only verdict as an inputs file, before transformers."""
     for path in sorted(folder.glob("pytorch_model*.bin")):
         check_pickle(path, allow_classes=False)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load tables from transformers on stderr: the report says what was loaded."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -37,16 +37,17 @@ import time
 import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_map
 
 from ..errors import ExportError, LoadError
 from ..io.saving import named_temp, write_atomically
@@ -54,8 +55,21 @@ from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.weight_norm import remove_weight_norm
 from ..report import Report
 from ..surgery import copy_model, weight_norm_sites
+from .dynamic_axes import (
+    Axis,
+    Dynamic,
+    axis_sizes,
+    describe_axes,
+    export_dynamic_shapes,
+    resolve_axes,
+    runnable_axes,
+    settle_axes,
+    signature_order,
+    verification_inputs,
+    widened,
+)
 from .runtime import resolve_providers
-from .verify import batch_size, verify_onnx
+from .verify import verify_onnx
 
 DEFAULT_OPSET = 23
 NORM_OPS = (
@@ -103,6 +117,7 @@ def export_onnx(
     *,
     fold: bool = True,
     opset: int | None = None,
+    dynamic: Dynamic | bool | Mapping[str, Mapping[int, str]] = False,
     dynamic_batch: bool = False,
     providers: str = "cpu",
     atol: float | None = None,
@@ -115,13 +130,17 @@ def export_onnx(
 
     ``example_inputs`` is a tuple of positional or a dict of keyword arguments. With ``fold``,
     BatchNorms are folded first (its check is labelled "folded vs original"). ``opset`` defaults
-    to :data:`DEFAULT_OPSET`. ``dynamic_batch`` makes dim 0 of every tensor input symbolic and
-    verifies two batch sizes. ``report.passed`` is False when onnxruntime's outputs differ from
+    to :data:`DEFAULT_OPSET`. ``dynamic`` makes input dims symbolic: True for the defaults per
+    modality, ``{input: {dim: symbol}}`` for those axes, or a :class:`~normsurgeon.onnx.dynamic_axes.Dynamic`;
+    ``dynamic_batch`` makes dim 0 of every tensor input ``batch``. The file is verified at two sizes
+    along every dynamic axis. ``report.passed`` is False when onnxruntime's outputs differ from
     the original model's; a model that cannot be exported raises :class:`ExportError`.
     """
     path = Path(path)
     opset = DEFAULT_OPSET if opset is None else opset
     resolve_providers(providers)  # an unavailable provider fails before the slow work
+    example_inputs = signature_order(model, example_inputs)
+    axes = resolve_axes(model, example_inputs, _as_dynamic(dynamic, dynamic_batch))
     report = Report("export")
     work = copy_model(model)
     if model.training:
@@ -130,19 +149,18 @@ def export_onnx(
     for step in pre_export_passes(fold=fold):
         _merge(report, step.run(work, example_inputs, atol, rtol))
     report.model = work
-    input_sets = [example_inputs]
-    if dynamic_batch:
-        input_sets.append(resize_batch(example_inputs))
+    axes = runnable_axes(work, example_inputs, axes, report.notes)
 
     def write(tmp: Path) -> None:
-        program = _export(work, example_inputs, opset, dynamic_batch, verbose, report)
+        program, kept = _export(work, example_inputs, opset, axes, verbose, report)
         tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
         report.facts.update(describe_model(program.model))
         if not fold:
             _note_batchnorms_torch_folded(work, report)
         try:
             verified = verify_onnx(
-                model, tmp, example_inputs, providers=providers, atol=atol, rtol=rtol, extra_inputs=input_sets[1:]
+                model, tmp, example_inputs, providers=providers, atol=atol, rtol=rtol,
+                extra_inputs=verification_inputs(example_inputs, kept), axes=kept,
             )
         except LoadError as exc:
             raise ExportError(
@@ -152,6 +170,9 @@ def export_onnx(
         _merge(report, verified)
         report.facts["providers"] = verified.facts["providers"]
         report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
+        if axes:
+            report.facts["dynamic_axes"] = describe_axes(kept)
+            report.facts["sizes_verified"] = verified.facts["sizes_verified"]
 
     _write_with_data_cleanup(path, write, force=force, protect=protect)
     report.facts["file_bytes"] = path.stat().st_size
@@ -167,22 +188,6 @@ def _note_batchnorms_torch_folded(model: nn.Module, report: Report) -> None:
             f"normsurgeon folded no BatchNorm (--no-fold), but torch.onnx.export's optimizer fused {in_model - in_file} "
             f"of the model's {in_model} into the convs before them; the file has {in_file} BatchNormalization nodes"
         )
-
-
-def resize_batch(inputs: tuple | dict, batch: int | None = None) -> tuple | dict:
-    """The same inputs with another batch size (default: one more), rows repeated or cut on dim 0."""
-    current = batch_size(inputs)
-    if current is None:
-        return inputs
-    target = current + 1 if batch is None else batch
-
-    def resize(leaf):
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
-            return leaf
-        repeats = -(-target // leaf.shape[0])
-        return leaf.repeat(repeats, *([1] * (leaf.dim() - 1)))[:target]
-
-    return tree_map(resize, inputs)
 
 
 def op_histogram(model: ir.Model | onnx.ModelProto) -> dict[str, int]:
@@ -217,15 +222,25 @@ def _merge(report: Report, other: Report) -> None:
     report.notes.extend(other.notes)
 
 
+def _as_dynamic(dynamic: Dynamic | bool | Mapping[str, Mapping[int, str]], batch: bool) -> Dynamic:
+    if isinstance(dynamic, Dynamic):
+        return Dynamic(dynamic.defaults, dynamic.named, dynamic.batch or batch)
+    if isinstance(dynamic, Mapping):
+        return Dynamic(named=dynamic, batch=batch)
+    return Dynamic(defaults=bool(dynamic), batch=batch)
+
+
 def _export(
-    model: nn.Module, inputs: tuple | dict, opset: int, dynamic_batch: bool, verbose: bool, report: Report
-) -> torch.onnx.ONNXProgram:
-    """``torch.onnx.export`` (dynamo, optimized); failures become a one-line ExportError."""
-    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (tuple(inputs), None)
-    dynamic_shapes = _batch_dynamic_shapes(inputs) if dynamic_batch else None
+    model: nn.Module, inputs: tuple | dict, opset: int, axes: Sequence[Axis], verbose: bool, report: Report
+) -> tuple[torch.onnx.ONNXProgram, tuple[Axis, ...]]:
+    """``torch.onnx.export`` (dynamo, optimized) and the dynamic axes the graph kept; failures become a
+    one-line ExportError. The trace runs on the example widened along size-1 dynamic axes."""
+    traced, widened_symbols = widened(inputs, axes)
+    args, kwargs = ((), traced) if isinstance(traced, dict) else (tuple(traced), None)
+    dynamic_shapes = export_dynamic_shapes(traced, axes) if axes else None
     start = time.perf_counter()
     try:
-        with quiet(verbose):
+        with quiet(verbose), math_attention():
             program = torch.onnx.export(
                 model, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
                 dynamic_shapes=dynamic_shapes, verbose=verbose, report=False, dump_exported_program=False,
@@ -239,33 +254,56 @@ def _export(
             f"the exporter could not produce opset {opset} (it produced {produced}); "
             f"use --opset {DEFAULT_OPSET} (the default) or another opset between 18 and 25"
         )
-    if dynamic_batch:
-        _require_symbolic_batch(program.model)
-        program.rename_axes({str(v.shape[0]): "batch" for v in program.model.graph.inputs if v.shape})
-    return program
+    expand_rotary_caches(program.model)
+    if not axes:
+        return program, ()
+    kept = settle_axes(program, traced, axes, report.notes)
+    if widened_symbols:
+        sizes = axis_sizes(traced, [a for a in axes if a.symbol in widened_symbols])
+        report.notes.append(
+            "traced on an example widened to " + ", ".join(f"{s} {n}" for s, n in sizes.items())
+            + " (torch.export treats a size-1 dim as fixed); verified at the example's size 1 as well"
+        )
+    return program, kept
 
 
-def _require_symbolic_batch(model: ir.Model) -> None:
-    """torch falls back to a static shape when the model pins dim 0; say so instead of shipping it."""
-    for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) > 0 and isinstance(value.shape[0], int):
-            raise ExportError(
-                f"the model fixes the batch size: input {value.name!r} kept a static dim 0 of "
-                f"{value.shape[0]} when exported with a dynamic batch; export without --dynamic-batch, "
-                "or make the model's reshapes keep dim 0 (e.g. x.reshape(x.shape[0], -1))"
-            )
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Trace ``scaled_dot_product_attention`` with its math backend (what transformers' own exporter does).
+
+    The exported op is the same; only the strides torch.export assumes for its result change. CPU's
+    flash kernel returns (batch, seq, heads, dim)-ordered memory, so a later ``transpose(1, 2).reshape``
+    is traced as a view; the ONNX exporter's decomposition pass re-runs the graph with the math
+    kernel's contiguous result, and that view fails ("Cannot view a tensor with shape ... and
+    strides ..."): every T5 export did (pytorch/pytorch#136543). The math kernel has no batch-1 branch either.
+    """
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
-def _batch_dynamic_shapes(inputs: tuple | dict) -> tuple | dict:
-    """``dynamic_shapes`` making dim 0 of every tensor input one shared symbol, ``batch``."""
-    batch = torch.export.Dim("batch")
+def expand_rotary_caches(model: ir.Model) -> int:
+    """Give each RotaryEmbedding without position ids cos/sin caches of its input's batch; how many it fixed.
 
-    def spec(leaf):
-        return {0: batch} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None
-
-    if isinstance(inputs, dict):
-        return {key: tree_map(spec, value) for key, value in inputs.items()}
-    return tuple(tree_map(spec, value) for value in inputs)
+    The exporter's opset-23 fusion (onnxscript 0.7) turns transformers' ``x * cos + rotate_half(x) * sin``
+    into a RotaryEmbedding node fed the cos/sin of batch 1 that the formula broadcast (position ids
+    are ``arange(seq)[None]``); the op does not broadcast, so onnxruntime rejects every batch but 1 ("Inputs
+    'cos_cache' and 'sin_cache' are expected to have the same shape as input 'x'"). An Expand to the
+    input's batch restores the formula exactly (a no-op where the batch already matches).
+    """
+    fixed = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        has_positions = len(node.inputs) > 3 and node.inputs[3] is not None
+        if node.op_type != "RotaryEmbedding" or node.domain not in ("", "ai.onnx") or has_positions:
+            continue
+        batch = ir.node("Shape", [node.inputs[0]], attributes={"start": 0, "end": 1})
+        ones = ir.node("Constant", [], attributes={"value": ir.tensor(np.ones(2, dtype=np.int64))})
+        shape = ir.node("Concat", [batch.outputs[0], ones.outputs[0]], attributes={"axis": 0})
+        expands = [ir.node("Expand", [node.inputs[i], shape.outputs[0]]) for i in (1, 2)]
+        node.graph.insert_before(node, [batch, ones, shape, *expands])
+        for i, expand in zip((1, 2), expands):
+            node.replace_input_with(i, expand.outputs[0])
+        fixed += 1
+    return fixed
 
 
 @contextlib.contextmanager
@@ -380,7 +418,9 @@ def describe_export_failure(exc: BaseException, model: nn.Module, *, verbose: bo
         what = "data-dependent control flow (a Python branch or size taken from a tensor's values)"
         fix = "rewrite it with torch.where / torch.cond, or move it out of the model"
     elif "ConstraintViolationError" in names or "Constraints violated" in text:
-        what, fix = "the model fixes the batch size, so dim 0 cannot be dynamic", "export without --dynamic-batch"
+        fixed = ", ".join(dict.fromkeys(re.findall(r"You marked (\w+) as dynamic", text))) or "a dynamic axis"
+        what = f"the model fixes {fixed}, which was asked to be dynamic (or ties it to another axis)"
+        fix = "export with it static (leave it out of --dynamic, or leave out --dynamic-batch)"
     elif output := re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", text):
         what = f"the model returns a {output[1].rsplit('.', 1)[-1]} ({output[1]}), which ONNX outputs cannot hold"
         fix = ("set model.config.use_cache = False before saving the model (transformers), or return only tensors"
@@ -469,5 +509,5 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 __all__ = [
     "DEFAULT_OPSET", "PreExportPass", "describe_export_failure", "describe_model", "export_onnx",
-    "op_histogram", "pre_export_passes", "resize_batch",
+    "expand_rotary_caches", "math_attention", "op_histogram", "pre_export_passes",
 ]

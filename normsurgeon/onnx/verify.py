@@ -26,11 +26,12 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..check import compare_outputs, default_tolerance, flatten_outputs
-from ..errors import LoadError, PreconditionError, UsageError
+from ..errors import ExportError, LoadError, PreconditionError, UsageError
 from ..report import Check, OutputDiff, Report
 from ..surgery import eval_mode
 from ..trace import call_model
 from . import runtime
+from .dynamic_axes import Axis, axis_sizes
 
 # onnxruntime's input type strings -> the numpy dtype it accepts.
 _ORT_DTYPES = {
@@ -49,11 +50,13 @@ def verify_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     extra_inputs: Sequence[tuple | dict] = (),
+    axes: Sequence[Axis] = (),
 ) -> Report:
     """Run ``model`` (torch) and ``onnx_path`` (onnxruntime) on the same inputs; one check each.
 
     ``providers`` is ``cpu``, ``cuda`` or ``all`` (``all`` notes the providers it skipped).
-    ``extra_inputs`` are further input sets of the same structure (e.g. another batch size).
+    ``extra_inputs`` are further input sets of the same structure (e.g. another batch size);
+    ``axes``, the file's dynamic axes, name each check's sizes ("batch 3, sequence 7").
     ``report.passed`` is False when any output of any run is outside ``atol + rtol * max|ref|``
     (tolerances default to the output dtype's, see :mod:`normsurgeon.check`).
     """
@@ -66,17 +69,21 @@ def verify_onnx(
     input_sets = [example_inputs, *extra_inputs]
     sessions = {provider: runtime.session(path, provider) for provider in chosen}
     feeds = {p: [onnx_feeds(sess, inputs) for inputs in input_sets] for p, sess in sessions.items()}
-    references = [_run_torch(model, inputs) for inputs in input_sets]  # inputs the model rejects: its error first
+    references = [_run_torch(model, inputs) for inputs in input_sets[:1]]  # inputs the model rejects: its error first
+    references += [_run_torch(model, inputs, other_sizes=describe_inputs(inputs, axes)) for inputs in input_sets[1:]]
     first = next(iter(sessions))
     if mismatch := shape_mismatch(sessions[first], feeds[first][0]):
         raise UsageError(f"{mismatch.text}; pass inputs of the shape it takes (--input-shape/--inputs)"
                          + (", or export with --dynamic-batch for any batch size" if mismatch.batch_only else ""))
     for provider, sess in sessions.items():
         for inputs, feed, reference in zip(input_sets, feeds[provider], references):
-            label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs)})"
+            label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs, axes)})"
             report.checks.append(_compare(sess, feed, reference, label, atol, rtol))
     report.facts["providers"] = list(chosen)
     report.facts["batch_sizes_verified"] = sorted({b for b in map(batch_size, input_sets) if b is not None})
+    if axes:
+        sizes = [axis_sizes(inputs, axes) for inputs in input_sets]
+        report.facts["sizes_verified"] = {symbol: sorted({s[symbol] for s in sizes}) for symbol in sizes[0]}
     return report
 
 
@@ -91,8 +98,10 @@ def batch_size(inputs: tuple | dict) -> int | None:
     return next((t.shape[0] for t in tensor_leaves(inputs) if t.dim() > 0), None)
 
 
-def describe_inputs(inputs: tuple | dict) -> str:
-    """'batch 2' for a check's label."""
+def describe_inputs(inputs: tuple | dict, axes: Sequence[Axis] = ()) -> str:
+    """'batch 2' for a check's label; with dynamic axes, each one's size ('batch 3, sequence 7')."""
+    if axes:
+        return ", ".join(f"{symbol} {size}" for symbol, size in axis_sizes(inputs, axes).items())
     batch = batch_size(inputs)
     return f"batch {batch}" if batch is not None else "scalar inputs"
 
@@ -152,12 +161,18 @@ def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
     return array
 
 
-def _run_torch(model: nn.Module, inputs: tuple | dict) -> Any:
+def _run_torch(model: nn.Module, inputs: tuple | dict, *, other_sizes: str | None = None) -> Any:
+    """The model's outputs; a failure on the example is the user's inputs' problem, on ``other_sizes`` the model's."""
     try:
         with torch.no_grad(), eval_mode(model):
             return call_model(model, inputs)
     except Exception as exc:  # the user's model failed on the user's inputs
         first = " ".join(str(exc).split())[:160]
+        if other_sizes is not None:
+            raise ExportError(
+                f"the torch model fails at {other_sizes} ({type(exc).__name__}: {first}), sizes the file's dynamic "
+                "axes accept: the model fixes one of them; export with it static (leave it out of --dynamic)"
+            ) from exc
         raise PreconditionError(
             f"the torch model failed on the example inputs ({type(exc).__name__}: {first}); "
             "check --input-shape/--inputs"

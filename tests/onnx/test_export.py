@@ -19,7 +19,6 @@ from normsurgeon.onnx.export import (
     export_onnx,
     op_histogram,
     pre_export_passes,
-    resize_batch,
 )
 from normsurgeon.onnx.verify import verify_onnx
 from tests.onnx.conftest import HAS_CUDA_EP, NO_CUDA_REASON, Nested, conv_bn, files_in, image
@@ -169,7 +168,8 @@ def test_dynamic_batch_that_the_model_pins_is_an_export_error(tmp_path):
         def forward(self, x):
             return self.lin(x.reshape(2, 8))
 
-    with pytest.raises(ExportError, match=r"the model fixes the batch size: input 'x' kept a static dim 0 of 2"):
+    with pytest.raises(ExportError, match=r"the model fixes input 'x' dim 0 \(batch\) at 2: torch.export made it static; "
+                                          r"export with it static \(leave it out of --dynamic, or leave out --dynamic-batch\)"):
         export_onnx(Pinned().eval(), (torch.randn(2, 8),), tmp_path / "p.onnx", dynamic_batch=True)
     assert files_in(tmp_path) == []
 
@@ -387,15 +387,6 @@ def test_cuda_provider_matches_torch(convbn, tmp_path):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def test_resize_batch_repeats_or_cuts_rows_and_keeps_the_rest():
-    x, ids = torch.arange(4.0).reshape(2, 2), torch.tensor([[1], [2]])
-    grown = resize_batch((x, {"ids": ids, "flag": True}, torch.tensor(3.0)))
-    assert torch.equal(grown[0], torch.tensor([[0.0, 1.0], [2.0, 3.0], [0.0, 1.0]]))
-    assert torch.equal(grown[1]["ids"], torch.tensor([[1], [2], [1]])) and grown[1]["flag"] is True
-    assert torch.equal(grown[2], torch.tensor(3.0))
-    assert resize_batch((x,), 1)[0].shape == (1, 2)
 
 
 def test_op_histogram_counts_subgraphs_and_functions_and_shows_absent_norms():
