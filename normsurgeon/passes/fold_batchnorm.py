@@ -26,7 +26,7 @@ from torch import nn
 from ..dataflow import Refusal, channel_axis, check_editable, describe, producer_targets, walk_down
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
-from ..norms import BatchNormStats, batchnorm_stats, is_batchnorm_like, never_updated
+from ..norms import BatchNormStats, is_batchnorm_like, never_updated, split_batchnorm_act
 from ..pipeline import Edit, ModulePass, PassContext, Sequential, run
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import editable_weight, ensure_bias, hooks_lost_by_replacing, replace_module, turn_into_identity
@@ -44,13 +44,14 @@ class FoldPlan:
     stats: BatchNormStats
     targets: list[nn.Module]
     into_producer: bool
+    act: nn.Module = field(default_factory=nn.Identity)  # what takes the norm's place (its own activation, if any)
 
 
 @dataclass
 class _FoldState:
     """What one run's fold remembers between items: the BNs it took out, the layers it gave a bias."""
 
-    removed: dict[nn.Module, str] = field(default_factory=dict)
+    removed: dict[nn.Module, tuple[str, nn.Module]] = field(default_factory=dict)  # BN -> (path, its replacement)
     given_a_bias: list[nn.Module] = field(default_factory=list)
 
 
@@ -125,9 +126,10 @@ class FoldBatchNorm(ModulePass):
 
     def plan(self, ctx: PassContext) -> Iterator[Edit | Skip]:
         """A :class:`FoldPlan` per foldable BN; its statistics for one replaced by an affine; else why not."""
+        live = set(ctx.model.modules())  # an earlier pass (reparameterize) may have replaced traced modules
         for path, module in _batchnorm_modules(ctx.model):
             try:
-                yield Edit(path, module, plan_batchnorm_fold(ctx.flow, module, ctx.shared,
+                yield Edit(path, module, plan_batchnorm_fold(ctx.flow, module, ctx.shared, live=live,
                                                              allow_default_stats=self.allow_default_stats))
             except Refusal as refusal:
                 if self.unfoldable == "affine" and refusal.stats is not None:
@@ -136,27 +138,30 @@ class FoldBatchNorm(ModulePass):
                     yield refusal.skip(path)
 
     def apply(self, ctx: PassContext, edit: Edit) -> list[Change]:
-        if isinstance(edit.plan, BatchNormStats):
-            return [_replace_with_affine(ctx, edit.target, edit.plan, edit.path)]
+        if isinstance(edit.plan, tuple):
+            return [_replace_with_affine(ctx, edit.target, *edit.plan, edit.path)]
         plan: FoldPlan = edit.plan
         state = self._state(ctx)
         state.given_a_bias += _apply(plan)
-        replace_module(ctx.model, edit.target, nn.Identity(), ctx.parents)
-        state.removed[edit.target] = edit.path
+        replace_module(ctx.model, edit.target, plan.act, ctx.parents)
+        state.removed[edit.target] = (edit.path, plan.act)
         side = "producer" if plan.into_producer else "consumer"
-        return [Change("folded", edit.path, ctx.flow.module_paths[t], f"into its {side}") for t in plan.targets]
+        detail = f"into its {side}"
+        if not _is_identity(plan.act):
+            detail = f"{norm_label(plan.act)} {detail}; {_replacement_name(plan.act)} takes its place"
+        return [Change("folded", edit.path, ctx.flow.module_paths[t], detail) for t in plan.targets]
 
     def finish(self, ctx: PassContext, report: Report) -> None:
         _add_bias_after_grouped_conv_transposes(self._state(ctx).given_a_bias, ctx.flow, report)
         _note_functional_batchnorm(ctx.flow, report)
 
     def outputs(self, ctx: PassContext, report: Report) -> Any:
-        """The folded model's outputs; a folded BN the model still calls through a plain reference becomes an Identity.
+        """The folded model's outputs; a folded BN the model still calls through a plain reference becomes what replaced it.
 
         The fold replaces a BN where the module tree registers it; a model that also keeps it in a
         Python list, a closure or a ``functools.partial`` would still call the old module, applying
         the BN twice. Such a call is caught here and that very object turned into the identity the
-        fold meant, so every reference agrees.
+        fold meant (an Identity, or the BN's own activation), so every reference agrees.
         """
         removed = self._state(ctx).removed
         stale: list[nn.Module] = []
@@ -169,9 +174,10 @@ class FoldBatchNorm(ModulePass):
         if not stale:
             return outputs
         for bn in dict.fromkeys(stale):
-            turn_into_identity(bn)
-            report.notes.append(f"{removed[bn]} is also called through a reference outside the module tree (a list, "
-                                "closure or partial): that object was turned into an nn.Identity as well")
+            path, act = removed[bn]
+            _become(bn, act)
+            report.notes.append(f"{path} is also called through a reference outside the module tree (a list, "
+                                f"closure or partial): that object was turned into {_replacement_name(act)} as well")
         return ctx.forward()
 
     def _state(self, ctx: PassContext) -> _FoldState:
@@ -192,11 +198,15 @@ def _batchnorm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, m) for path, m in model.named_modules() if is_batchnorm_like(m)]
 
 
-def plan_batchnorm_fold(flow: Trace, norm: nn.Module, shared: set[int], *, allow_default_stats: bool = False) -> FoldPlan:
+def plan_batchnorm_fold(flow: Trace, norm: nn.Module, shared: set[int], *, allow_default_stats: bool = False,
+                        live: set[nn.Module] | None = None) -> FoldPlan:
     """How ``norm`` (a BatchNorm-like module of the traced model) folds, or :class:`Refusal` with why not.
 
-    ``shared`` is :func:`~normsurgeon.surgery.shared_parameter_ids` of the model. A refusal for
-    want of a foldable neighbour carries the norm's statistics (``stats``).
+    ``shared`` is :func:`~normsurgeon.surgery.shared_parameter_ids` of the model; ``live``, when an
+    earlier pass of the run replaced modules the trace still shows, the modules the model holds now.
+    A norm with its activation inside (timm ``BatchNormAct2d``) folds its norm part like a plain BN
+    and keeps the activation (:func:`~normsurgeon.norms.split_batchnorm_act`); only a bare norm folds
+    into its consumers. A refusal for want of a foldable neighbour carries ``(stats, act)``.
     """
     calls = flow.calls_of(norm)
     # Checked before NOT_CALLED: a BN whose stats only ``F.batch_norm`` reads (or whose forward() is
@@ -212,21 +222,54 @@ def plan_batchnorm_fold(flow: Trace, norm: nn.Module, shared: set[int], *, allow
     if hooked:
         raise Refusal(SkipReason.HOOKED, hooked)
     first_input = flow.data_input(calls[0])
-    stats = batchnorm_stats(norm, first_input.shape if first_input else None)
-    if never_updated(norm, stats) and not allow_default_stats:
-        raise Refusal(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
+    stats, act = split_batchnorm_act(norm, first_input.shape if first_input else None)
+    try:
+        if never_updated(norm, stats) and not allow_default_stats:
+            raise Refusal(SkipReason.NEVER_UPDATED, "recalibrate it, or pass --allow-default-stats to fold anyway")
+        return _plan_targets(flow, norm, calls, stats, act, shared, live)
+    except Refusal as refusal:
+        if _is_identity(act):
+            raise
+        raise Refusal(refusal.reason, f"{norm_label(act)}: {refusal.detail}", stats=refusal.stats) from None
+
+
+def _plan_targets(flow: Trace, norm: nn.Module, calls: list[Node], stats: BatchNormStats, act: nn.Module,
+                  shared: set[int], live: set[nn.Module] | None) -> FoldPlan:
+    """The producer (or, for a bare norm, the consumers) the norm folds into; else NO_FOLDABLE_NEIGHBOUR."""
+    planners = (producer_targets, _consumer_targets) if _is_identity(act) else (producer_targets,)
     reasons = []
-    for planner in (producer_targets, _consumer_targets):
+    for planner in planners:
         try:
             targets = planner(flow, calls)
             for target in targets:
+                _check_live(flow, target, live)
                 check_editable(flow, target, shared, output_changes=planner is producer_targets)
-            return FoldPlan(norm, stats, targets, into_producer=planner is producer_targets)
+            return FoldPlan(norm, stats, targets, into_producer=planner is producer_targets, act=act)
         except Refusal as refusal:
             if refusal.reason is not SkipReason.NO_FOLDABLE_NEIGHBOUR:
                 raise
             reasons.append(refusal.detail)
-    raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats=stats)
+    if not _is_identity(act):
+        reasons.append(f"{_replacement_name(act)} runs after the norm inside the module, "
+                       "so the norm cannot fold into the layers that read the module's output")
+    raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "; ".join(reasons), stats=(stats, act))
+
+
+def norm_label(act: nn.Module) -> str:
+    """``BatchNorm`` for a bare norm, ``BatchNorm+SiLU`` (``BatchNorm+Dropout+ReLU``) for one with its activation."""
+    parts = list(act) if isinstance(act, nn.Sequential) else [act]
+    return "+".join(["BatchNorm", *(type(p).__name__ for p in parts if not _is_identity(p))])
+
+
+def _is_identity(act: nn.Module) -> bool:
+    return isinstance(act, nn.Identity) or (isinstance(act, nn.Sequential) and all(map(_is_identity, act)))
+
+
+def _check_live(flow: Trace, target: nn.Module, live: set[nn.Module] | None) -> None:
+    """Refuse a neighbour an earlier pass of the run replaced: the trace still shows it, the model does not."""
+    if live is not None and target not in live:
+        raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR,
+                      f"{flow.module_paths[target]} was replaced by an earlier pass (reparameterize)")
 
 
 def _consumer_targets(flow: Trace, calls: list[Node]) -> list[nn.Module]:
@@ -315,8 +358,31 @@ def _add_bias_after_grouped_conv_transposes(given_a_bias: list[nn.Module], flow:
         )
 
 
-def _replace_with_affine(ctx: PassContext, norm: nn.Module, stats: BatchNormStats, path: str) -> Change:
+def _replace_with_affine(ctx: PassContext, norm: nn.Module, stats: BatchNormStats, act: nn.Module, path: str) -> Change:
+    """``--to-affine``: the norm becomes a ChannelAffine (followed by its own activation, if it has one)."""
     s, t = batchnorm_scale_shift(stats.mean, stats.var, stats.eps, stats.weight, stats.bias)
     dtype = stats.mean.dtype
-    replace_module(ctx.model, norm, ChannelAffine(s.to(dtype), t.to(dtype)), ctx.parents)
-    return Change("replaced", path, None, "by a per-channel affine (no foldable neighbour)")
+    affine = ChannelAffine(s.to(dtype), t.to(dtype))
+    replace_module(ctx.model, norm, affine if _is_identity(act) else nn.Sequential(affine, act), ctx.parents)
+    detail = "by a per-channel affine (no foldable neighbour)"
+    if not _is_identity(act):
+        detail = f"{norm_label(act)}: by a per-channel affine, then {_replacement_name(act)} (no foldable neighbour)"
+    return Change("replaced", path, None, detail)
+
+
+def _replacement_name(act: nn.Module) -> str:
+    """How reports name what takes a folded norm's place: an Identity, or its activation (``its SiLU``)."""
+    return "an nn.Identity" if _is_identity(act) else f"its {norm_label(act).removeprefix('BatchNorm+')}"
+
+
+def _become(module: nn.Module, replacement: nn.Module) -> None:
+    """Make ``module`` itself compute what ``replacement`` does (a stale reference to a folded BN)."""
+    if _is_identity(replacement):
+        turn_into_identity(module)
+        return
+    training = module.training
+    module.__dict__.clear()
+    module.__class__ = nn.Sequential
+    nn.Module.__init__(module)
+    module.add_module("0", replacement)
+    module.training = training

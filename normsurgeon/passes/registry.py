@@ -7,7 +7,7 @@ its class here; :func:`~normsurgeon.pipeline.run` does the rest (docs/design.md,
 from __future__ import annotations
 
 from ..pipeline import ModulePass, Sequential
-from .fold_batchnorm import FoldBatchNorm
+from .fold_batchnorm import FoldBatchNorm, fold_passes
 from .fold_norm_affine import FoldNormAffines
 from .reparameterize import Reparameterize
 from .weight_norm import RemoveWeightNorm
@@ -21,6 +21,7 @@ def pre_export_passes(*, fold: bool) -> Sequential:
     """What export runs on its copy of the model before exporting, in order (one trace for all).
 
     Weight norm is always baked into plain weights (the file then ships w, not g·v/‖v‖ computed at
-    run time); BatchNorm folding runs unless ``fold`` is False.
+    run time); unless ``fold`` is False, summed conv+BN branches are merged into one conv and the
+    BatchNorms left are folded, as ``fold`` does (:func:`~normsurgeon.passes.fold_batchnorm.fold_passes`).
     """
-    return Sequential(RemoveWeightNorm(), *([FoldBatchNorm()] if fold else []))
+    return Sequential(RemoveWeightNorm(), *([fold_passes()] if fold else []))
