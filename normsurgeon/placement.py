@@ -117,7 +117,8 @@ def place_norms(flow: Trace, modules: list[nn.Module], *, channel_norms: set[nn.
         if not calls:
             placed[module] = Where(Placement.NOT_CALLED, "it did not run on the example inputs")
             continue
-        role, neighbour = roles[module], _neighbour_role(flow, calls[0])
+        role = roles[module]
+        neighbour = _neighbour_role(flow, calls[0], axis=1 if module in channel_norms else None)
         if module in channel_norms:  # BN/GN/IN: conv neighbours first; no final/last-post guess
             real_role = role if isinstance(role, Placement) else None
             chosen = neighbour if neighbour is not Placement.STANDALONE else real_role or neighbour
@@ -152,15 +153,17 @@ def _stream_role(flow: Trace, module: nn.Module) -> Placement | str | None:
     return None
 
 
-def _neighbour_role(flow: Trace, call: Node) -> Placement:
-    value, _, _ = walk_up(flow, call)
+def _neighbour_role(flow: Trace, call: Node, *, axis: int | None = None) -> Placement:
+    """After/before a conv or linear layer (looking through layout ops; through reshapes that keep
+    the channel ``axis`` where it is given), else STANDALONE."""
+    value, _, _ = walk_up(flow, call, axis=axis)
     producer = value.producer if value is not None else None
     if producer is not None and producer.kind == "module":
         if isinstance(producer.module, _CONV):
             return Placement.AFTER_CONV
         if _is_linear_like(producer.module):
             return Placement.AFTER_LINEAR
-    consumers = [node for node, _, _ in walk_down(call.outputs[0])] if call.outputs else []
+    consumers = [node for node, _, _ in walk_down(call.outputs[0], axis=axis)] if call.outputs else []
     modules = [c.module for c in consumers if c.kind == "module"]
     if consumers and len(modules) == len(consumers):
         if all(isinstance(m, _CONV) for m in modules):

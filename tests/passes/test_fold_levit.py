@@ -74,3 +74,13 @@ def test_levit_exports_without_batchnormalization_nodes(levit, tmp_path):
     assert report.passed
     ops = [node.op_type for node in onnx.load(tmp_path / "levit.onnx").graph.node]
     assert "BatchNormalization" not in ops and ("MatMul" in ops or "Gemm" in ops)
+
+
+def test_inspect_places_every_linear_norms_batchnorm_after_its_linear(levit):
+    from normsurgeon.passes.inspect import inspect_norms
+
+    model, x = levit
+    rows = {row.path: row for row in inspect_norms(model, (x,)).norms}
+    linear_norms = [f"{path}.bn" for path, m in model.named_modules() if type(m).__name__ == "LinearNorm"]
+    assert {rows[path].placement for path in linear_norms} == {"after linear"}
+    assert all(rows[path].can[0].startswith("fold into ") for path in linear_norms)
