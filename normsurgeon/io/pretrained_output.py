@@ -21,7 +21,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from normsurgeon.errors import OutputError
 from ..check import compare_outputs
 from ..report import Check, Report
 from ..trace import call_model
-from .huggingface import offline
+from .huggingface import offline, quiet_transformers
 from .saving import check_output_path, save_module
 
 
@@ -116,7 +116,7 @@ def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: tuple 
     check_directory_target(path, force=force, protect=protect)
     staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with offline(), _quiet_transformers():  # what it would warn about, the checks below say
+        with offline(), quiet_transformers():  # what it would warn about, the checks below say
             model.save_pretrained(staging)
             reloaded = type(model).from_pretrained(str(staging), local_files_only=True).eval()
         lost = lost_in_reload(model, reloaded)
@@ -129,22 +129,6 @@ def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: tuple 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return check
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars or load tables from transformers on stderr: the report says what happened."""
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def lost_in_reload(written: nn.Module, reloaded: nn.Module) -> str | None:

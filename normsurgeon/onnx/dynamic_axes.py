@@ -266,7 +266,8 @@ def settle_axes(
     rename: dict[str, str] = {}
     for axis, dim in dims.items():
         if not isinstance(dim, int) and rename.setdefault(str(dim), axis.symbol) != axis.symbol:
-            notes.append(f"the model ties {axis.input} dim {axis.dim} ({axis.symbol}) to {rename[str(dim)]}: one symbol")
+            notes.append(f"the model ties {axis.input} dim {axis.dim} ({axis.symbol}) to {rename[str(dim)]}: "
+                         "one symbol")
     program.rename_axes({old: new for old, new in rename.items() if old != new})
     return tuple(Axis(a.input, a.leaf, a.dim, rename[str(dim)], a.required)
                  for a, dim in dims.items() if not isinstance(dim, int))
@@ -315,7 +316,8 @@ def _check_named(named: Mapping[str, Mapping[int, str]], tensors: Mapping[str, t
     listed = ", ".join(tensors) or "none"
     for name, dims in named.items():
         if name not in tensors:
-            raise UsageError(f"--dynamic {name}: the model has no tensor input {name!r}; its tensor inputs are {listed}")
+            raise UsageError(f"--dynamic {name}: the model has no tensor input {name!r}; "
+                             f"its tensor inputs are {listed}")
         rank = tensors[name][1].dim()
         if bad := [d for d in dims if not 0 <= d < rank]:
             raise UsageError(f"--dynamic {name}:{bad[0]}=...: input {name!r} has {rank} dims (0 to {rank - 1})")
@@ -377,6 +379,6 @@ def _repeat_to(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 __all__ = [
     "BATCH", "Axis", "Dynamic", "axis_sizes", "default_axes", "describe_axes", "export_dynamic_shapes", "input_names",
-    "other_size", "parse_dynamic", "resized", "resolve_axes", "runnable_axes", "settle_axes", "signature_order", "verification_inputs",
-    "widened",
+    "other_size", "parse_dynamic", "resized", "resolve_axes", "runnable_axes", "settle_axes", "signature_order",
+    "verification_inputs", "widened",
 ]

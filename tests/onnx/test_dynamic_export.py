@@ -23,7 +23,6 @@ from torch import nn
 
 from normsurgeon.errors import ExportError, UsageError
 from normsurgeon.onnx.dynamic_axes import (
-    Axis,
     Dynamic,
     input_names,
     other_size,
@@ -121,7 +120,8 @@ def test_axes_by_name_replace_that_inputs_defaults_and_are_required():
      "give --dynamic or --dynamic-batch, not both (the --dynamic defaults include the batch)"),
 ])
 def test_axes_that_do_not_fit_the_inputs_are_usage_errors(dynamic, message):
-    inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long), "decoder_input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long),
+              "decoder_input_ids": torch.zeros(1, 8, dtype=torch.long)}
     with pytest.raises(UsageError) as info:
         resolve_axes(Any_(), inputs, dynamic)
     assert str(info.value) == message
