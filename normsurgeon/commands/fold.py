@@ -112,8 +112,9 @@ def _fold_module(loaded: LoadedModel, input_shapes: tuple[str, ...], inputs_file
         model.eval()
         notes.append("the model was in training mode; folded its eval-mode behaviour (--eval)")
     inputs = resolve_inputs(model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    passes = Sequential(fold_passes(unfoldable="affine" if to_affine else "keep", allow_default_stats=allow_default_stats,
-                                    reparameterize=reparameterize), *([FoldNormAffines()] if affine else []))
+    fold = fold_passes(unfoldable="affine" if to_affine else "keep", allow_default_stats=allow_default_stats,
+                       reparameterize=reparameterize)
+    passes = Sequential(fold, *([FoldNormAffines()] if affine else []))
     report = run_fold(passes, model, inputs.args, atol=atol, rtol=rtol)  # one trace for every pass
     report.notes[:0] = notes + [inputs.description]
     return report, inputs

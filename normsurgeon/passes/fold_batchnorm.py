@@ -156,7 +156,7 @@ class FoldBatchNorm(ModulePass):
         _note_functional_batchnorm(ctx.flow, report)
 
     def outputs(self, ctx: PassContext, report: Report) -> Any:
-        """The folded model's outputs; a folded BN the model still calls through a plain reference becomes what replaced it.
+        """The folded model's outputs; a folded BN still called through a plain reference becomes what replaced it.
 
         The fold replaces a BN where the module tree registers it; a model that also keeps it in a
         Python list, a closure or a ``functools.partial`` would still call the old module, applying

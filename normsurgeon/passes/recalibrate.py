@@ -169,6 +169,8 @@ def _accumulate(model: nn.Module, norms: list[nn.Module], calibration: list[Batc
         for bn in norms:
             bn.reset_running_stats()
             bn.train()
+            for part in bn.children():  # a BatchNorm with its drop and act inside (timm BatchNormAct2d):
+                part.eval()  # only the norm uses batch statistics; its dropout stays off, as at test time
         try:
             with torch.no_grad():
                 for index, batch in _progress(calibration, progress):

@@ -105,3 +105,73 @@ def test_batchnorm_act_with_no_producer_says_why_and_becomes_affine_then_act() -
     replaced = affine.model.get_submodule(norm)
     assert [type(m).__name__ for m in replaced] == ["ChannelAffine", "ReLU"]
     assert affine.passed and batchnorms_left(affine) == [] and _relative_error(model, affine.model) < TOLERANCE
+
+
+# ------------------------------------------------------------------------------- the other commands agree
+
+
+def test_inspect_offers_to_fold_exactly_the_norms_fold_folds() -> None:
+    """resnetv2_50 has both: BatchNorm+ReLU after a conv (folds) and after a residual sum (stays)."""
+    from normsurgeon.passes.inspect import inspect_norms
+
+    model, x = _build("resnetv2_50")
+    rows = inspect_norms(model, (x,)).norms
+
+    folded = {c.module for c in fold_batchnorm(model, (x,), inplace=False, reparameterize=False).changed("folded")}
+
+    offered = {row.path for row in rows if any(c.startswith("fold into") for c in row.can)}
+    assert offered == folded and len(folded) == 32
+    assert all(row.evidence.endswith("followed by its ReLU") for row in rows if row.cls == "BatchNormAct2d")
+
+
+def test_recalibrate_updates_batchnorm_act_with_its_dropout_off() -> None:
+    """Only the norm part runs on batch statistics: a dropout inside the module would make the BNs after it
+    see different (random) inputs, so two recalibrations would disagree."""
+    from timm.layers import BatchNormAct2d
+
+    from normsurgeon.passes.recalibrate import recalibrate
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, drop_layer=nn.Dropout), nn.Conv2d(8, 4, 3),
+                             nn.BatchNorm2d(4)).eval()
+
+    data = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 + 1 for i in range(3)]
+    first, second = build(), build()
+    torch.manual_seed(1)
+    report = recalibrate(first, data)
+    torch.manual_seed(2)
+    recalibrate(second, data)
+
+    assert [c.module for c in report.changed("recalibrated")] == ["1", "3"]
+    with torch.no_grad():
+        conv_out = torch.cat([first[0](b) for b in data[:2]])  # the last batch is held out
+    torch.testing.assert_close(first[1].running_mean, conv_out.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert torch.equal(first[3].running_mean, second[3].running_mean)
+    assert torch.equal(first[3].running_var, second[3].running_var)
+
+
+def test_export_folds_batchnorm_act_and_merged_branches_out_of_the_onnx(tmp_path) -> None:
+    """export runs fold's passes: no BatchNormalization node is left for BatchNorm+act or a RepVGG-style sum."""
+    import onnx
+    from timm.layers import BatchNormAct2d, ConvNormAct
+
+    from normsurgeon.onnx.export import export_onnx
+
+    class RepBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kxk = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+            self.identity, self.act = BatchNormAct2d(8, apply_act=False), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.kxk(x) + self.identity(x))
+
+    x = torch.randn(2, 3, 16, 16)
+    model = give_realistic_stats(nn.Sequential(ConvNormAct(3, 8, 3, act_layer=nn.SiLU), RepBlock()), x)
+
+    report = export_onnx(model, (x,), tmp_path / "m.onnx")
+
+    ops = [node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node]
+    assert report.passed and "BatchNormalization" not in ops and ops.count("Conv") == 2
+    assert sorted(c.action.value for c in report.changes) == ["folded", "reparameterized"]
