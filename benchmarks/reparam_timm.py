@@ -70,10 +70,10 @@ def measure(name: str, runs: int) -> dict[str, object]:
             "time timm (s)": f"{timm_seconds:.2f}", "time normsurgeon (s)": f"{ours_seconds:.2f}"}
 
 
-def table(rows: list[dict[str, object]]) -> str:
+def table(rows: list[dict[str, object]], columns: tuple[str, ...] = COLUMNS) -> str:
     """The rows as a Markdown table."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
