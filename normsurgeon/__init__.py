@@ -1,31 +1,6 @@
 """normsurgeon: surgery on the normalization layers of trained PyTorch models."""
 
-import contextlib as _contextlib
-import os as _os
-import sys as _sys
-
-
-def _started_as_the_cli() -> bool:
-    """Whether this import is the ``normsurgeon`` command starting (script or ``python -m``)."""
-    program = _os.path.basename(_sys.argv[0]) if _sys.argv else ""
-    return program == "normsurgeon" or program == "-m"  # "-m" while python -m imports the package
-
-
-@_contextlib.contextmanager
-def _cli_import_interruptible():
-    """Imports of torch, onnx, onnxruntime take seconds: a Ctrl-C then is the CLI's, not a crash.
-
-    Started as the ``normsurgeon`` command, it prints one line and exits 130; a program that
-    imports normsurgeon keeps its own KeyboardInterrupt.
-    """
-    try:
-        yield
-    except KeyboardInterrupt:
-        if not _started_as_the_cli():
-            raise
-        _sys.stderr.write("interrupted: nothing was read or written\n")
-        raise SystemExit(130) from None
-
+from .interrupt import cli_import_interruptible as _cli_import_interruptible
 
 with _cli_import_interruptible():
     from .check import compare_outputs

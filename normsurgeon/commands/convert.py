@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import (
+from ..cli_options import (
     ATOL_HELP,
     RTOL_HELP,
     TOLERANCE,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import torch
 
-from ..cli import (
+from ..cli_options import (
     ATOL_HELP,
     RTOL_HELP,
     TOLERANCE,

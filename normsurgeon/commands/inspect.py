@@ -8,7 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import handle_errors, input_options, model_options, report_options, weights_option
+from ..cli_options import handle_errors, input_options, model_options, report_options, weights_option
 from ..io.loading import load_model
 from ..errors import UsageError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors, output_options
+from ..cli_options import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors, output_options
 from ..errors import UsageError
 from ..io.inputs import parse_input_shape
 from ..io.saving import check_output_path, default_output_path

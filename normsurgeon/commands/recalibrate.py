@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import emit, handle_errors, model_options, output_options, weights_option
+from ..cli_options import emit, handle_errors, model_options, output_options, weights_option
 from ..io.loading import load_model
 from ..errors import UsageError
 

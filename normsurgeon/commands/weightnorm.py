@@ -9,7 +9,7 @@ from typing import Any
 import click
 import torch
 
-from ..cli import emit, handle_errors, input_options, model_options, output_options, weights_option
+from ..cli_options import emit, handle_errors, input_options, model_options, output_options, weights_option
 from ..errors import LoadError, PreconditionError, UsageError
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
