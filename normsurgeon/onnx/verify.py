@@ -74,7 +74,8 @@ def verify_onnx(
     first = next(iter(sessions))
     if mismatch := shape_mismatch(sessions[first], feeds[first][0]):
         raise UsageError(f"{mismatch.text}; pass inputs of the shape it takes (--input-shape/--inputs)"
-                         + (", or export with --dynamic-batch for any batch size" if mismatch.batch_only else ""))
+                         + (", or export with --dynamic-batch for any batch size" if mismatch.batch_only
+                            else ", or export with --dynamic for other sizes"))
     for provider, sess in sessions.items():
         for inputs, feed, reference in zip(input_sets, feeds[provider], references):
             label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs, axes)})"

@@ -392,3 +392,29 @@ def test_cli_dynamic_that_does_not_fit_exits_2_before_exporting(args, message, p
 
     assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
     assert files_in(tmp_path) == []
+
+
+def test_a_constraint_violation_the_exporter_raises_names_the_axes_and_the_fix():
+    """Where torch.onnx cannot make an axis static itself, torch.export's message names the symbols."""
+    from normsurgeon.onnx.export import describe_export_failure
+
+    error = RuntimeError("Constraints violated (height, width)! For more information, run with TORCH_LOGS=+dynamic.\n"
+                         "  - You marked height as dynamic but your code specialized it to be a constant (32).\n"
+                         "  - You marked width as dynamic but your code specialized it to be a constant (32).")
+
+    message = describe_export_failure(error, conv_bn(), verbose=True)
+
+    assert message == ("cannot export the model to ONNX: the model fixes height, width, which was asked to be dynamic "
+                       "(or ties it to another axis); export with it static (leave it out of --dynamic, or leave out "
+                       "--dynamic-batch)")
+
+
+def test_verifying_a_static_file_at_another_image_size_suggests_dynamic(exported_convbn):
+    from normsurgeon.onnx.verify import verify_onnx
+
+    model, path = exported_convbn
+    wider = (torch.randn(2, 3, 8, 16),)
+    with pytest.raises(UsageError, match=r"input 'x' is \(2, 3, 8, 16\) but the ONNX model's static shape is "
+                       r"\(2, 3, 8, 8\); pass inputs of the shape it takes \(--input-shape/--inputs\), or export "
+                       r"with --dynamic for other sizes$"):
+        verify_onnx(model, path, wider)
