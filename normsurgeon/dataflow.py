@@ -21,6 +21,7 @@ from .layout import axis_after, axis_before, is_layout_op, is_reshape, keeps_axe
 from .report import Skip, SkipReason
 from .surgery import editable_weight, foreign_hooks
 from .trace import Node, Trace, Value
+from .weight_standardization import find_standardization
 
 PRODUCERS: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -206,3 +207,7 @@ def check_editable(flow: Trace, target: nn.Module, shared: set[int], *, output_c
     weight = editable_weight(target)
     if isinstance(weight, str):
         raise Refusal(SkipReason.PARAMETRIZED_WEIGHT, f"{path}: {weight}")
+    standardized = find_standardization(target)
+    if standardized is not None:
+        raise Refusal(SkipReason.PARAMETRIZED_WEIGHT, f"{path} is a {standardized.describe()}: a change to "
+                      "its weight would be standardized away; bake it first (normsurgeon.bake_weight_standardization)")

@@ -7,13 +7,15 @@ its class here; :func:`~normsurgeon.pipeline.run` does the rest (docs/design.md,
 from __future__ import annotations
 
 from ..pipeline import ModulePass, Sequential
+from .bake_weight_standardization import BakeWeightStandardization
 from .fold_batchnorm import FoldBatchNorm, fold_passes
 from .fold_norm_affine import FoldNormAffines
 from .reparameterize import Reparameterize
 from .weight_norm import RemoveWeightNorm
 
 MODULE_PASSES: dict[str, type[ModulePass]] = {
-    cls.name: cls for cls in (FoldBatchNorm, FoldNormAffines, RemoveWeightNorm, Reparameterize)
+    cls.name: cls
+    for cls in (FoldBatchNorm, FoldNormAffines, RemoveWeightNorm, Reparameterize, BakeWeightStandardization)
 }
 
 
