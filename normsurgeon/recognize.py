@@ -19,7 +19,9 @@ BatchNorm whose :attr:`NormInfo.activation` names what it applies after the norm
 (:func:`~normsurgeon.norms.split_batchnorm_act` proves it by probing).
 
 A module that only looks like a norm is reported with the reason (its closest formula and by how
-much it misses), never silently treated as one.
+much it misses), never silently treated as one. A conv that standardizes its weight at every forward
+(timm ``StdConv2d``, ``ScaledStdConv2d``: :mod:`normsurgeon.weight_standardization`) normalizes
+weights, not activations: it is listed as such, not as a look-alike.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm
 from .norms import has_leaf_children, split_batchnorm_act
 from .report import SkipReason
 from .trace import Node, Trace
+from .weight_standardization import StandardizedConv, find_standardization
 
 _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps")
 _WEIGHT_NAMES = ("weight", "gamma", "scale")
@@ -158,6 +161,7 @@ class Recognition:
 
     norms: list[NormInfo] = field(default_factory=list)
     unrecognized: list[Unrecognized] = field(default_factory=list)
+    weight_standardized: list[tuple[str, StandardizedConv]] = field(default_factory=list)  # (path, what it is)
 
     def of(self, module: nn.Module) -> NormInfo | None:
         return next((info for info in self.norms if info.module is module), None)
@@ -174,6 +178,10 @@ def recognize_norms(model: nn.Module, flow: Trace) -> Recognition:
     # it was listed as a look-alike "not called on the example inputs" for every weight-normed layer.
     parametrizations = {id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m}
     for path, module in model.named_modules():
+        standardized = find_standardization(module)
+        if standardized is not None:
+            result.weight_standardized.append((path, standardized))
+            continue
         if id(module) in parametrizations or not is_candidate(module):
             continue
         calls = flow.calls_of(module)

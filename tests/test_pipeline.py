@@ -146,12 +146,21 @@ def _two_branches() -> nn.Module:
     return nn.Sequential(_TwoBranches()).eval()
 
 
+class _StandardizedConv(nn.Conv2d):
+    """Weight standardization (timm's StdConv2d, without timm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w / w.flatten(1).std(dim=1).view(-1, 1, 1, 1), self.bias)
+
+
 # One small model per registered pass, on which that pass changes something: a new pass adds its case.
 CHANGED_BY: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "fold_batchnorm": (_conv_bn, (2, 3, 8, 8)),
     "fold_norm_affines": (_ln_linear, (2, 8)),
     "remove_weight_norm": (_weight_normed_linear, (2, 8)),
     "reparameterize": (_two_branches, (2, 3, 8, 8)),
+    "bake_weight_standardization": (lambda: nn.Sequential(_StandardizedConv(3, 4, 3)).eval(), (2, 3, 8, 8)),
 }
 
 

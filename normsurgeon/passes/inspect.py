@@ -21,6 +21,7 @@ from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recog
 from ..report import Report
 from ..surgery import copy_model, shared_parameter_ids
 from ..trace import Trace, trace
+from ..weight_standardization import StandardizedConv
 from .convert_centring import plan_centring
 from .convert_rules import find_rule
 from .fold_batchnorm import plan_batchnorm_fold
@@ -61,10 +62,12 @@ class InspectReport(Report):
 
     norms: list[NormRow] = field(default_factory=list)
     unrecognized: list[dict[str, str]] = field(default_factory=list)
+    weight_standardized: list[dict[str, str]] = field(default_factory=list)  # convs that standardize their weight
 
     def to_dict(self) -> dict[str, Any]:
+        standardized = {"weight_standardized": list(self.weight_standardized)} if self.weight_standardized else {}
         return {**super().to_dict(), "norms": [row.to_dict() for row in self.norms],
-                "unrecognized": list(self.unrecognized)}
+                "unrecognized": list(self.unrecognized), **standardized}
 
 
 def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectReport:
@@ -89,6 +92,7 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
             row.hazards.extend(_decay_hazards(info, invariant))
         report.norms.append(row)
     report.unrecognized = [{"path": u.path, "class": u.class_name, "reason": u.detail} for u in recognition.unrecognized]
+    report.weight_standardized = [_standardized(path, conv) for path, conv in recognition.weight_standardized]
     _summarize(report)
     return report
 
@@ -100,6 +104,13 @@ def _row(info: NormInfo, where: Where, training: bool) -> NormRow:
         groups=info.groups, affine=info.affine, training=training, placement=where.placement.value,
         neighbours=where.detail, input_shape=list(info.input_shape), calls=info.calls, evidence=info.evidence,
     )
+
+
+def _standardized(path: str, found: StandardizedConv) -> dict[str, str]:
+    """A weight-standardized conv: what it is, and whether a plain conv can take its place."""
+    bake = (f"cannot be baked: {found.why_not}" if found.why_not else
+            f"bake into a plain {found.conv_type.__name__} (exact): normsurgeon.bake_weight_standardization")
+    return {"path": path, "class": type(found.module).__name__, "what": found.describe(), "bake": bake}
 
 
 # ------------------------------------------------------------------------------- what can be done
@@ -233,3 +244,22 @@ def _summarize(report: InspectReport) -> None:
     report.facts["with hazards"] = sum(1 for row in report.norms if row.hazards)
     if report.unrecognized:
         report.facts["look-alikes not recognised"] = len(report.unrecognized)
+    if report.weight_standardized:
+        _note_weight_standardized(report)
+
+
+def _note_weight_standardized(report: InspectReport) -> None:
+    """The convs that standardize their weight: counted, with what baking them does (a note the CLI prints)."""
+    rows = report.weight_standardized
+    bakeable = [row for row in rows if row["bake"].startswith("bake")]
+    classes = ", ".join(sorted({row["class"] for row in rows}))
+    report.facts["weight-standardized convs"] = len(rows)
+    note = (f"{len(rows)} conv(s) ({classes}) standardize their weight at every forward (weight standardization, "
+            "not a norm of activations)")
+    if bakeable:
+        note += f"; normsurgeon.bake_weight_standardization bakes {len(bakeable)} into plain convs, exactly"
+    refused = [row for row in rows if row not in bakeable]
+    if refused:
+        why = refused[0]["bake"].removeprefix("cannot be baked: ")
+        note += f"; {len(refused)} cannot ({refused[0]['path']}: {why})"
+    report.notes.append(note)
