@@ -41,6 +41,7 @@ from torch import nn
 
 from .check import compare_outputs, mismatch_error, require_tensor_outputs, rounding_noise
 from .errors import PreconditionError, UsageError, first_line
+from .inputs import ExampleInputs, InputsLike
 from .report import Change, Check, Report, Skip
 from .surgery import ParentIndex, copy_model, eval_mode, module_parents, shared_parameter_ids
 from .trace import Trace, call_model, refuse_unusable, trace
@@ -62,7 +63,7 @@ class PassContext:
     """What the passes of one run share: the model, its example inputs, one trace, the original outputs."""
 
     model: nn.Module
-    example_inputs: tuple | dict | None
+    example_inputs: ExampleInputs | None
     state: dict[str, Any] = field(default_factory=dict)  # a pass's own working state for this run, by pass name
 
     @functools.cached_property
@@ -189,7 +190,7 @@ class Sequential:
 def run(
     pipeline: ModulePass | Sequential,
     model: nn.Module,
-    example_inputs: tuple | dict | None,
+    example_inputs: InputsLike | None,
     *,
     inplace: bool = True,
     atol: float | None = None,
@@ -203,8 +204,8 @@ def run(
     ``raise_on_mismatch``). ``example_inputs`` may be None only for passes that need no trace.
     """
     passes = tuple(pipeline) if isinstance(pipeline, Sequential) else (pipeline,)
-    _refuse(passes, model, example_inputs)
-    ctx = PassContext(model if inplace else copy_model(model), example_inputs)
+    inputs = _refuse(passes, model, example_inputs)
+    ctx = PassContext(model if inplace else copy_model(model), inputs)
     reports = []
     for one_pass in passes:
         ctx.next_pass()
@@ -217,14 +218,17 @@ def run(
     return merged
 
 
-def _refuse(passes: Sequence[ModulePass], model: nn.Module, example_inputs: Any) -> None:
-    """Unusable inputs or wrappers, and a model in training mode where a pass needs eval mode (one error)."""
+def _refuse(passes: Sequence[ModulePass], model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
+    """Unusable inputs or wrappers, and a model in training mode where a pass needs eval mode (one error);
+    the inputs as one value (None: none given, and no pass needs them)."""
+    inputs = None
     if example_inputs is not None or any(p.needs_flow for p in passes):
-        refuse_unusable(model, example_inputs)
+        inputs = refuse_unusable(model, example_inputs)
     reasons = list(dict.fromkeys(p.eval_reason for p in passes if p.eval_reason))
     if model.training and reasons:
         raise PreconditionError(f"the model is in training mode, where {' and '.join(reasons)}; "
                                 "call model.eval() first (CLI: --eval)")
+    return inputs
 
 
 def _run_one(one_pass: ModulePass, ctx: PassContext, atol: float | None, rtol: float | None) -> Report:

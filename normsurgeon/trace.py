@@ -28,7 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .errors import PreconditionError, UsageError, first_line
+from .errors import PreconditionError, first_line
+from .inputs import ExampleInputs, InputsLike
 from .walk import node_children, refuse_unwalkable
 
 METADATA_READS = frozenset(
@@ -295,18 +296,13 @@ class _Recorder(TorchFunctionMode):
             self.step_back()
 
 
-def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
+def trace(model: nn.Module, example_inputs: InputsLike) -> Trace:
     """Run ``model`` once on ``example_inputs`` (no grad) and record its dataflow.
 
-    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments.
+    ``example_inputs``: :class:`~normsurgeon.inputs.ExampleInputs`, a tuple of positional arguments
+    or a dict of keyword arguments.
     """
-    refuse_unusable(model, example_inputs)
-    # Each module once, named by the last of its paths (as named_modules(remove_duplicate=False) would, without
-    # enumerating the paths: a module DAG has exponentially many); a cycle or a path explosion is refused.
-    graph = refuse_unwalkable(model)
-    paths = {m: graph.last_path[id(m)] for m in graph.modules}
-    owned = _parameters_and_buffers(paths)
-    _refuse_meta(owned.values(), example_inputs)
+    inputs, paths, owned = _checked(model, example_inputs)
     recorder = _Recorder(model, paths, set(owned))
     handles = []
     for module in recorder.paths:
@@ -314,11 +310,11 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
             handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True, prepend=True))
             handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True, always_call=True))
     input_node = recorder.new_node("input", "input")
-    recorder.produce(input_node, _tensors(example_inputs))
+    recorder.produce(input_node, inputs.tensors())
     try:
         with torch.no_grad(), recorder:
             try:
-                outputs = call_model(model, example_inputs)
+                outputs = inputs.call(model)
             finally:  # an interrupt skips the post hook that would step back; the mode's exit pops it
                 recorder.step_back()
     except Exception as exc:  # the user's model failed on the user's inputs
@@ -334,14 +330,19 @@ def trace(model: nn.Module, example_inputs: tuple | dict) -> Trace:
     return Trace(recorder.nodes, recorder.calls, recorder.paths, outputs, recorder.external)
 
 
-def refuse_unusable(model: nn.Module, example_inputs: Any) -> None:
-    """Refuse, with the fix, inputs and wrappers the trace would misread or could not hook."""
-    if isinstance(example_inputs, torch.Tensor):
-        raise UsageError("example_inputs is a Tensor: pass a tuple of positional arguments, e.g. (x,), "
-                         "or a dict of keyword arguments")
-    if not isinstance(example_inputs, (tuple, list, dict)):
-        raise UsageError(f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
-                         f"not {type(example_inputs).__name__}")
+def refuse_unusable(model: nn.Module, example_inputs: InputsLike) -> ExampleInputs:
+    """Refuse, with the fix, wrappers the trace could not hook, a model without values and unusable inputs;
+    return the inputs as one value."""
+    return _checked(model, example_inputs)[0]
+
+
+def _checked(model: nn.Module, example_inputs: InputsLike) -> tuple[ExampleInputs, dict[nn.Module, str],
+                                                                     dict[int, tuple[str, torch.Tensor]]]:
+    """The inputs, each module's path and the model's tensors by id, once the model and inputs are usable.
+
+    The model's own tensors are checked before the inputs: on a meta model the inputs are meta too,
+    and loading real weights is the fix to name.
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise PreconditionError("the model is a TorchScript module (torch.jit.script/trace), which cannot be hooked "
                                 "or edited as Python code: pass the nn.Module it was made from, then script the result")
@@ -350,6 +351,13 @@ def refuse_unusable(model: nn.Module, example_inputs: Any) -> None:
                                 "then compile the result")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise PreconditionError(f"the model is wrapped in {type(model).__name__}: pass model.module, then wrap the result")
+    # Each module once, named by the last of its paths (as named_modules(remove_duplicate=False) would, without
+    # enumerating the paths: a module DAG has exponentially many); a cycle or a path explosion is refused.
+    graph = refuse_unwalkable(model)
+    paths = {m: graph.last_path[id(m)] for m in graph.modules}
+    owned = _parameters_and_buffers(paths)
+    _refuse_meta(owned.values())
+    return ExampleInputs.of(example_inputs), paths, owned
 
 
 def _parameters_and_buffers(paths: dict[nn.Module, str]) -> dict[int, tuple[str, torch.Tensor]]:
@@ -362,7 +370,7 @@ def _parameters_and_buffers(paths: dict[nn.Module, str]) -> dict[int, tuple[str,
     return found
 
 
-def _refuse_meta(named_tensors: Iterable[tuple[str, torch.Tensor]], example_inputs: tuple | dict) -> None:
+def _refuse_meta(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     """A meta tensor has a shape but no values: no pass can check (or fold) anything with it.
 
     Without this, passes failed deep inside with torch internals ("Tensor.item() cannot be called
@@ -376,14 +384,8 @@ def _refuse_meta(named_tensors: Iterable[tuple[str, torch.Tensor]], example_inpu
             "load real weights first (e.g. model.to_empty(device='cpu') then load_state_dict, "
             "or load_state_dict(..., assign=True))"
         )
-    if any(t.is_meta for t in _tensors(example_inputs)):
-        raise PreconditionError("the example inputs are on the meta device (shapes, no values): pass real tensors")
 
 
-def call_model(model: nn.Module, example_inputs: tuple | dict) -> Any:
-    """Call a model with positional (tuple) or keyword (dict) example inputs."""
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(*example_inputs)
-
-
+def call_model(model: nn.Module, example_inputs: InputsLike) -> Any:
+    """Call a model with example inputs (positional ones from a tuple, keyword ones from a dict)."""
+    return ExampleInputs.of(example_inputs).call(model)

@@ -18,7 +18,8 @@ import torch
 from torch import fx
 
 from ..check import compare_outputs
-from ..errors import PreconditionError
+from ..errors import PreconditionError, UsageError
+from ..inputs import ExampleInputs, InputsLike
 from ..maths import batchnorm_scale_shift, scale_channels_
 from ..pipeline import PassContext
 from ..report import Change, Check, Report, Skip, SkipReason
@@ -36,7 +37,7 @@ _BN = _aten.batch_norm.default
 
 def fold_batchnorm_exported(
     program: torch.export.ExportedProgram,
-    example_inputs: tuple | dict | None = None,
+    example_inputs: InputsLike | None = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -45,8 +46,8 @@ def fold_batchnorm_exported(
 
     ``example_inputs`` default to the example inputs stored in the program.
     """
-    args, kwargs = _inputs(program, example_inputs)
-    reference = _run(program, args, kwargs)
+    inputs = _inputs(program, example_inputs)
+    reference = _run(program, inputs)
     report = Report("fold", model=program)
     tensors = _Tensors(program)
     for node in list(program.graph.nodes):
@@ -56,32 +57,29 @@ def fold_batchnorm_exported(
     program.graph_module.recompile()
     module = program.module()
     with torch.no_grad():
-        folded = module(*args, **kwargs)
+        folded = inputs.call(module)
     report.check = compare_outputs(reference, folded, atol=atol, rtol=rtol, label="folded vs original")
     if not report.check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
-        report.check = _review(module, args, kwargs, reference, folded, report)
+        report.check = _review(module, inputs, reference, folded, report)
     return report
 
 
-def _review(module: torch.nn.Module, args: tuple, kwargs: dict, reference: Any, folded: Any, report: Report) -> Check:
+def _review(module: torch.nn.Module, inputs: ExampleInputs, reference: Any, folded: Any, report: Report) -> Check:
     """The module path's rounding-noise allowance (:meth:`~normsurgeon.pipeline.ModulePass.review`) for a program.
 
     A fold exact in float64 still rounds each rescaled weight once in float32, and a deep graph
-    amplifies that (LeViT); the folded program run in float64 measures how much. Inputs given both
-    by position and by name cannot be passed as one: the failed check then stands.
+    amplifies that (LeViT); the folded program run in float64 measures how much.
     """
-    if args and kwargs:
-        return report.check
-    ctx = PassContext(module, kwargs if kwargs else args)
+    ctx = PassContext(module, inputs)
     ctx.__dict__["reference"] = reference  # the outputs before the fold (PassContext.reference is cached)
     return FoldBatchNorm().review(ctx, report, folded, report.check)
 
 
-def _run(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> Any:
+def _run(program: torch.export.ExportedProgram, inputs: ExampleInputs) -> Any:
     """The program's outputs, or the inputs it was exported for when it refuses these (its guards)."""
     try:
         with torch.no_grad():
-            return program.module()(*args, **kwargs)
+            return inputs.call(program.module())
     except Exception as exc:
         stored = program.example_inputs
         shapes = ""
@@ -94,17 +92,14 @@ def _run(program: torch.export.ExportedProgram, args: tuple, kwargs: dict) -> An
         ) from exc
 
 
-def _inputs(program: torch.export.ExportedProgram, example_inputs: tuple | dict | None) -> tuple[tuple, dict]:
-    if example_inputs is None:
-        stored = program.example_inputs
-        if stored is None:
-            from ..errors import UsageError
-
-            raise UsageError("the .pt2 file stores no example inputs; pass --input-shape or --inputs")
-        return tuple(stored[0]), dict(stored[1])
-    if isinstance(example_inputs, dict):
-        return (), example_inputs
-    return tuple(example_inputs), {}
+def _inputs(program: torch.export.ExportedProgram, example_inputs: InputsLike | None) -> ExampleInputs:
+    """The given inputs, else those stored in the program (positional and keyword)."""
+    if example_inputs is not None:
+        return ExampleInputs.of(example_inputs)
+    stored = program.example_inputs
+    if stored is None:
+        raise UsageError("the .pt2 file stores no example inputs; pass --input-shape or --inputs")
+    return ExampleInputs(tuple(stored[0]), stored[1], "the example inputs stored in the .pt2 file")
 
 
 class _Tensors:
