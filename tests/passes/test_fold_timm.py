@@ -175,3 +175,25 @@ def test_export_folds_batchnorm_act_and_merged_branches_out_of_the_onnx(tmp_path
     ops = [node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node]
     assert report.passed and "BatchNormalization" not in ops and ops.count("Conv") == 2
     assert sorted(c.action.value for c in report.changes) == ["folded", "reparameterized"]
+
+
+@pytest.mark.slow
+def test_levit_pt2_fold_gets_the_rounding_allowance_the_module_fold_gets(monkeypatch) -> None:
+    """With a tolerance any float32 rounding exceeds, both paths must judge LeViT's fold by its own
+    rounding noise; the .pt2 path used to have no such allowance and exit 6 where the module path passed."""
+    import timm
+
+    import normsurgeon.check as check_module
+    from normsurgeon.passes.fold_batchnorm_exported import fold_batchnorm_exported
+
+    x = torch.randn(1, 3, 224, 224)
+    model = give_realistic_stats(timm.create_model("levit_128", pretrained=False), torch.randn(2, 3, 224, 224), steps=1)
+    program = torch.export.export(model, (x,))
+    monkeypatch.setitem(check_module.TOLERANCES, torch.float32, (1e-12, 0.0))
+
+    by_module = fold_batchnorm(model, (x,), inplace=False)
+    by_program = fold_batchnorm_exported(program)
+
+    for report in (by_module, by_program):
+        assert report.passed and "rounding noise" in report.checks[-1].label and report.changes
+        assert any("accepted as rounding" in note for note in report.notes)
