@@ -17,14 +17,13 @@ in a symbolic trace; timm's ``reparameterize_model`` calls each block's own ``fu
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import normsurgeon.torchvision_compat  # noqa: F401  (timm imports torchvision)
-from benchmarks.reparam_timm import batchnorms, median_seconds, relative_error, table
+from benchmarks.reparam_timm import batchnorms, median_seconds, print_table, relative_error
 from normsurgeon.passes.fold_batchnorm import fold_batchnorm
 from tests.helpers import give_realistic_stats
 
@@ -78,13 +77,7 @@ def measure(name: str, runs: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per tool and model (the median is shown)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, timm {__import__('timm').__version__}, 1 thread, median of {args.runs} runs")
-    print(table([measure(name, args.runs) for name in args.models], COLUMNS))
+    print_table(__doc__.splitlines()[0], MODELS, measure, COLUMNS, runs=3)
 
 
 if __name__ == "__main__":

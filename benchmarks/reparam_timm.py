@@ -77,14 +77,20 @@ def table(rows: list[dict[str, object]], columns: tuple[str, ...] = COLUMNS) -> 
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per tool and model (the median is shown)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="timm model names")
+def print_table(description: str, models: tuple[str, ...], row: Callable[[str, int], dict[str, object]],
+                columns: tuple[str, ...] = COLUMNS, runs: int = 5) -> None:
+    """The command line of a timm benchmark: ``--runs``, ``--models``; one thread; the table on stdout."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=runs, help="timed runs per tool and model (the median is shown)")
+    parser.add_argument("--models", nargs="+", default=list(models), help="timm model names")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, timm {__import__('timm').__version__}, 1 thread, median of {args.runs} runs")
-    print(table([measure(name, args.runs) for name in args.models]))
+    print(table([row(name, args.runs) for name in args.models], columns))
+
+
+def main() -> None:
+    print_table(__doc__.splitlines()[0], MODELS, measure)
 
 
 if __name__ == "__main__":
