@@ -612,3 +612,39 @@ def test_a_folded_bn_held_only_by_the_module_tree_is_replaced_not_changed():
     report = fold_batchnorm(model, (_x(1, 3, 8, 8),))
     assert isinstance(model[1], nn.Identity) and isinstance(bn, nn.BatchNorm2d)  # a reference the caller kept works
     assert not any("outside the module tree" in note for note in report.notes)
+
+
+class _BNBeforeSummedConvs(nn.Module):
+    """A BN whose only readers are two unpadded convs summed in one block: reparameterize merges the block first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.block = _SummedConvs()
+
+    def forward(self, x):
+        return self.block(self.bn(x))
+
+
+class _SummedConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_a_consumer_an_earlier_pass_replaced_is_not_folded_into():
+    """The run's one trace still shows block.a and block.b; folding into them would edit layers the model no longer
+    calls (the BN would vanish, unfolded). The fold refuses them; with reparameterize off it folds into both."""
+    x = _x(2, 4, 6, 6)
+    model = give_realistic_stats(_BNBeforeSummedConvs(), x)
+    report, got, expected = _fold(copy.deepcopy(model), (x,), (_x(2, 4, 6, 6, seed=3),))
+    assert [c.action for c in report.changes] == ["reparameterized"] and report.check.passed
+    assert [(s.module, s.reason) for s in report.skipped] == [("bn", SkipReason.NO_FOLDABLE_NEIGHBOUR)]
+    assert report.skipped[0].detail.endswith("block.a was replaced by an earlier pass (reparameterize)")
+    for (_, a), (_, b) in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    alone, _, _ = _fold(model, (x,), reparameterize=False)
+    assert [(c.module, c.into) for c in alone.changed("folded")] == [("bn", "block.a"), ("bn", "block.b")]

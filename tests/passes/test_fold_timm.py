@@ -197,3 +197,30 @@ def test_levit_pt2_fold_gets_the_rounding_allowance_the_module_fold_gets(monkeyp
     for report in (by_module, by_program):
         assert report.passed and "rounding noise" in report.checks[-1].label and report.changes
         assert any("accepted as rounding" in note for note in report.notes)
+
+
+def test_a_batchnorm_act_also_held_in_a_closure_becomes_its_activation_there_too() -> None:
+    """The fold replaces the module in the tree; a closure calling the old object must not apply the norm twice."""
+    from timm.layers import BatchNormAct2d
+
+    class InAClosure(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), BatchNormAct2d(4, act_layer=nn.SiLU)
+            bn = self.bn
+            self.normalize = lambda x: bn(x)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.normalize(self.conv(x))
+
+    model = give_realistic_stats(InAClosure(), torch.randn(2, 3, 8, 8))
+    fresh = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # not a deep copy: deepcopy shares the closure, and with it the very module folded below
+        expected = model(fresh)
+
+    report = fold_batchnorm(model, (torch.randn(1, 3, 8, 8),))
+
+    assert report.passed and any("turned into its SiLU as well" in note for note in report.notes)
+    assert type(model.bn) is nn.SiLU and "bn.running_mean" not in model.state_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(model(fresh), expected, atol=1e-5, rtol=1e-4)
