@@ -7,7 +7,12 @@ axis-only op such as ``transpose`` may sit between them). Otherwise it is folded
 that *consume* its output, when those are convs whose padding commutes with a per-channel affine
 (no zero padding) or linears, and they read nothing else. The maths is in :mod:`normsurgeon.maths`.
 
-Folded BNs become ``nn.Identity``; the model stays the user's own class (except that a grouped
+A BN with its activation inside (timm ``BatchNormAct2d``; :func:`~normsurgeon.norms.split_batchnorm_act`)
+folds its norm into its producer the same way and is replaced by that activation. ``fold`` first merges
+summed conv+BN branches into one conv (:class:`~normsurgeon.passes.reparameterize.Reparameterize`,
+:func:`fold_passes`), on the same trace.
+
+Folded BNs become ``nn.Identity`` (or their activation); the model stays the user's own class (except that a grouped
 ConvTranspose on CPU given a bias by the fold becomes a :class:`BiasAfterConvTranspose2d` (or 1d,
 3d), whose bias is added after the conv: torch's kernel is slow with one). A BN with no foldable
 neighbour is kept (or, with ``unfoldable="affine"``, replaced by a :class:`ChannelAffine`), and
