@@ -1,7 +1,8 @@
 """What every pass reads off the traced dataflow: refusals, walks through layout ops, neighbours, editability.
 
 The passes plan from the same questions: which layer produces a norm's input (looking through a
-``transpose``, an ``nn.Identity`` or a reshape that keeps the channel axis), which nodes read its output, is that layer's weight free to
+``transpose``, an ``nn.Identity``, a reshape that keeps the channel axis or a selection along other
+axes such as ``hidden_states[:, -1:]``), which nodes read its output, is that layer's weight free to
 edit, and how to say why not. They are answered here, once; a pass imports them from this module
 and never from another pass.
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import axis_after, axis_before, is_layout_op, is_reshape, keeps_axes, reads_only_shape
+from .layout import axis_after, axis_before, is_layout_op, keeps_axes, needs_axis, reads_only_shape
 from .report import Skip, SkipReason
 from .surgery import editable_weight, foreign_hooks
 from .trace import Node, Trace, Value
@@ -97,7 +98,8 @@ def walk_up(flow: Trace, call: Node, *, through: Through = is_layout_op,
     Returns ``(value, axis, reader)``: the first value not produced by such an op (None when the
     call, or an op on the way, has no tensor input), the channel axis ``axis`` of the call's input
     has in that value (None when not tracked), and the node on the way that reads ``value``. A
-    reshape is looked through only while it keeps the tracked axis whole.
+    reshape is looked through only while it keeps the tracked axis whole, a selection only while it
+    picks along other axes.
     """
     value, reader = flow.data_input(call), call
     while value is not None and through(value.producer) and single_user(value) is reader:
@@ -115,12 +117,15 @@ def walk_down(value: Value, *, through: Through = is_layout_op,
 
     Yields ``(node, axis, read)``: the reader, where axis ``axis`` of ``value`` is in the value it
     reads (None when not tracked), and that value. A ``through`` op whose output nobody reads ends
-    its branch with nothing; a reshape that does not keep the tracked axis whole is a reader.
-    ``through`` ops must keep values: layout ops, whose axes are tracked, or ops that keep their
-    axes (:func:`is_passthrough`). A node that reads ``value`` for its shape only is no reader.
+    its branch with nothing; a reshape that does not keep the tracked axis whole, or a selection
+    along it, is a reader. ``through`` ops must keep the values they hand on: layout ops, whose axes
+    are tracked (a selection drops entries along other axes, which commutes with any per-channel
+    edit), or ops that keep their axes (:func:`is_passthrough`). A node that reads ``value`` for
+    its shape only is no reader; an op that reads it as other than its data (``index_select``'s index) is.
     """
     for user in readers(value):
-        goes_on, moved = _carry(user, axis, axis_after) if through(user) and user.outputs else (False, axis)
+        crosses = through(user) and user.outputs and user.inputs[0] is value
+        goes_on, moved = _carry(user, axis, axis_after) if crosses else (False, axis)
         if goes_on:
             yield from walk_down(user.outputs[0], through=through, axis=moved)
         else:
@@ -130,12 +135,13 @@ def walk_down(value: Value, *, through: Through = is_layout_op,
 def _carry(op: Node, axis: int | None, move: Callable[[Node, int], int | None]) -> tuple[bool, int | None]:
     """Whether a walk goes on through ``op``, and where ``axis`` is on its other side (``move``: which way).
 
-    A reshape is gone through only with a tracked axis it keeps: an untracked one might be merged.
+    A reshape or a selection is gone through only with a tracked axis it keeps: an untracked one
+    might be merged, or picked along.
     """
     if not is_layout_op(op):
         return True, axis
     if axis is None:
-        return not is_reshape(op), None
+        return not needs_axis(op), None
     moved = move(op, axis)
     return moved is not None, moved
 

@@ -14,6 +14,10 @@ reference formula, in float64, with its own eps, weight, bias and normalized dim
     frozen BatchNorm: (x - running_mean) / sqrt(running_var + eps) * w + b   per channel (dim 1)
     GroupNorm:  LayerNorm over each group of C / G channels and the spatial dims
 
+LayerNorm and RMSNorm are also tried with the scale ``1 + w`` (Gemma's RMSNorm, NeMo's
+LayerNorm1P), whose weight is stored as an offset from 1: :attr:`NormInfo.scale_offset` says which
+convention matched, and ``weight + scale_offset`` is the scale the norm applies.
+
 A BatchNorm with its activation inside (timm ``BatchNormAct2d``, ``FrozenBatchNormAct2d``) is a
 BatchNorm whose :attr:`NormInfo.activation` names what it applies after the norm
 (:func:`~normsurgeon.norms.split_batchnorm_act` proves it by probing).
@@ -50,6 +54,7 @@ _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps"
 _WEIGHT_NAMES = ("weight", "gamma", "scale")
 _BIAS_NAMES = ("bias", "beta", "shift")
 _GUESSED_EPS = (1e-5, 1e-6, 1e-12, 1e-8, 1e-3)
+_SCALE_OFFSETS = (0.0, 1.0)  # scale = weight + offset: plain, and Gemma's (1 + w)
 _PROBE_ELEMENTS = 1 << 16
 # (atol, rtol) of a probe against the formula, relative to max|formula| (see compare below).
 _PROBE_TOLERANCE = {torch.float64: (1e-9, 1e-8), torch.float32: (1e-5, 1e-4),
@@ -124,6 +129,11 @@ class NormInfo:
     evidence: str
     eps_inferred: bool = False
     activation: str | None = None  # what the module applies after the norm, inside its forward (BatchNorm+act)
+    scale_offset: float = 0.0  # the scale applied is weight + scale_offset (Gemma's RMSNorm: 1)
+
+    def scale(self) -> torch.Tensor | None:
+        """The per-feature scale the norm applies (``weight + scale_offset``, float64), or None without a weight."""
+        return None if self.weight is None else self.weight.detach().double() + self.scale_offset
 
     @property
     def affine(self) -> str:
@@ -295,6 +305,11 @@ class _Hypothesis:
     normalized_shape: tuple[int, ...]
     groups: int | None
     formula: Callable[[torch.Tensor, float], torch.Tensor]  # float64 input -> expected output
+    scale_offset: float = 0.0
+
+    def title(self) -> str:
+        offset = " with scale (1 + weight)" if self.scale_offset == 1 else ""
+        return self.kind.spec.title + offset
 
 
 def _from_probe(module: nn.Module, path: str, shape: tuple[int, ...], calls: int, call: Node) -> NormInfo:
@@ -321,13 +336,13 @@ def _from_probe(module: nn.Module, path: str, shape: tuple[int, ...], calls: int
             if passed:
                 kind = _trainable_batchnorm_kind(module) or hypothesis.kind
                 features = shape[1] if hypothesis.kind.spec.channel_dim_1 else math.prod(hypothesis.normalized_shape)
-                evidence = f"behaves as {hypothesis.kind.spec.title} (probe max diff {miss:.1e})"
+                evidence = f"behaves as {hypothesis.title()} (probe max diff {miss:.1e})"
                 return NormInfo(path, module, kind, False, float(eps), features,
                                 hypothesis.normalized_shape, hypothesis.groups, weight, bias, shape, calls,
-                                evidence, own_eps is None)
+                                evidence, own_eps is None, scale_offset=hypothesis.scale_offset)
             if typical < best[0]:
-                best = (typical, f"closest formula is {hypothesis.kind.spec.title} with eps={eps:g}: "
-                                 f"off by {miss:.3g} at most, {typical:.3g} on average, relative to its scale")
+                best = (typical, f"closest formula is {hypothesis.title()} with eps={eps:g}: off by "
+                                 f"{miss:.0%} at most, {typical:.0%} on average, of the larger output's scale")
     raise _mismatch(f"{type(module).__name__} computes no known norm formula on a probe input ({best[1]})")
 
 
@@ -353,19 +368,25 @@ def probe_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, keep:
 
 
 def _miss(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tuple[float, bool, float]:
-    """Max |got - expected| relative to max|expected|, whether that is within the dtype's tolerance,
-    and the mean |got - expected| relative to mean|expected| (to name the closest formula)."""
+    """Max |got - expected| relative to the larger of max|got| and max|expected| (so at most 2), whether
+    it is within the dtype's tolerance of max|expected|, and the mean |got - expected| relative to the
+    larger mean magnitude (to name the closest formula).
+
+    Relative to the larger side, not to the formula's: a formula whose output is all but zero (a
+    weight-times-normalized formula on Gemma's zero-initialised ``1 + w`` weight) reported 3.3e+30.
+    """
     atol, rtol = _PROBE_TOLERANCE.get(dtype, _PROBE_TOLERANCE[torch.float32])
     got = got.detach().double()
     if not torch.isfinite(got).all():
         return math.inf, False, math.inf
     error = (got - expected).abs()
     diff, scale = error.max().item(), expected.abs().max().item()
-    typical = error.mean().item() / max(expected.abs().mean().item(), 1e-30)
+    largest = max(scale, got.abs().max().item(), 1e-300)
+    typical = error.mean().item() / max(expected.abs().mean().item(), got.abs().mean().item(), 1e-300)
     # The absolute part of the tolerance shrinks with the output's scale: a norm with a tiny gain
     # (say 1e-5) has outputs below atol, where every formula would fit (a hand-written RMSNorm was
     # taken for a LayerNorm and "exactly" converted to nn.LayerNorm). Scales >= 1 are unchanged.
-    return diff / max(scale, 1e-30), diff <= atol * min(scale, 1.0) + rtol * scale, typical
+    return diff / largest, diff <= atol * min(scale, 1.0) + rtol * scale, typical
 
 
 def _hypotheses(module: nn.Module, shape: tuple[int, ...], weight: torch.Tensor | None,
@@ -378,9 +399,12 @@ def _hypotheses(module: nn.Module, shape: tuple[int, ...], weight: torch.Tensor 
     k = weight.dim() if weight is not None else 1
     trailing = tuple(shape[-k:]) if 0 < k <= rank else ()
     if trailing and _fits(weight, trailing) and _fits(bias, trailing):
-        found.append(_Hypothesis(NormKind.LAYERNORM, trailing, None, _layernorm_formula(trailing, weight, bias)))
-        if k == 1:
-            found.append(_Hypothesis(NormKind.RMSNORM, trailing, None, _rmsnorm_formula(weight, bias)))
+        for offset in _SCALE_OFFSETS if weight is not None else (0.0,):
+            scale = weight if not offset else weight.detach().double() + offset
+            found.append(_Hypothesis(NormKind.LAYERNORM, trailing, None, _layernorm_formula(trailing, scale, bias),
+                                     offset))
+            if k == 1:
+                found.append(_Hypothesis(NormKind.RMSNORM, trailing, None, _rmsnorm_formula(scale, bias), offset))
     if rank >= 3 and _fits(weight, (shape[1],)) and _fits(bias, (shape[1],)):
         found.append(_Hypothesis(NormKind.LAYERNORM_CHANNELS_FIRST, (shape[1],), None,
                                  _channels_first_formula(weight, bias)))

@@ -75,6 +75,34 @@ def pretrained_model(name: str) -> nn.Module:
     return model.eval()
 
 
+# Causal LMs whose final norm feeds lm_head (through transformers' token slice, GPT-2's view), and which
+# tie lm_head to the input embedding by default: gemma, gpt2 and opt.
+CAUSAL_LMS = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "opt")
+TIED_BY_DEFAULT = ("gemma", "gpt2", "opt")
+
+
+def causal_lm(name: str, *, tie: bool = False) -> nn.Module:
+    """A tiny randomly initialised ``*ForCausalLM`` (hidden 32, 2 layers), norm affines randomized, eval mode;
+    ``tie``: lm_head shares the input embedding's weight. Names: :data:`CAUSAL_LMS`."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    tied, heads = {"tie_word_embeddings": tie}, {"num_key_value_heads": 2}
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
+    builders = {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, **heads, **tied)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**TEXT, **heads, **tied)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**TEXT, **heads, **tied)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**TEXT, **heads, **tied, **ids, head_dim=8)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**TEXT, **heads, **tied, **ids)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                        n_positions=64, **ids, **tied)),
+        "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                                      num_attention_heads=4, max_position_embeddings=64,
+                                                      word_embed_proj_dim=32, **ids, **tied)),
+    }
+    return randomize_affine(builders[name](), torch.Generator().manual_seed(0)).eval()
+
+
 def pretrained_dirs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, nn.Module]]:
     """``get(name)``: a :func:`pretrained_model` and its save_pretrained directory, each built on first use
     (for a module-scoped fixture: a module only pays for the architectures it tests)."""

@@ -127,6 +127,69 @@ def test_transformers_convnext_layernorm_is_resolved_by_behaviour_not_by_its_bas
     assert info.kind is kind and not info.native and info.eps == 1e-6
 
 
+class OnePlusWeightRMSNorm(nn.Module):
+    """Gemma's RMSNorm: scales by (1 + weight), the weight stored as an offset from 1 (zeros at init)."""
+
+    def __init__(self, d: int, eps: float = 1e-6, offset: float = 1.0):
+        super().__init__()
+        self.weight, self.eps, self.offset = nn.Parameter(torch.zeros(d)), eps, offset
+
+    def forward(self, x):
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (self.offset + self.weight.float())).type_as(x)
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """NeMo's LayerNorm1P: a LayerNorm whose weight is stored as an offset from 1."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def _randomized(norm: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        norm.weight.uniform_(-1.5, 1.5)
+    return norm
+
+
+def _gemma_norm() -> nn.Module:
+    gemma = pytest.importorskip("transformers.models.gemma.modeling_gemma")
+    return gemma.GemmaRMSNorm(16, eps=1e-6)
+
+
+ONE_PLUS_WEIGHT = {
+    "gemma-at-init": (_gemma_norm, NormKind.RMSNORM),
+    "gemma-trained": (lambda: _randomized(_gemma_norm()), NormKind.RMSNORM),
+    "hand-written-at-init": (lambda: OnePlusWeightRMSNorm(16), NormKind.RMSNORM),
+    "layernorm1p": (lambda: _randomized(LayerNorm1P(16)), NormKind.LAYERNORM),
+}
+
+
+@pytest.mark.parametrize("case", ONE_PLUS_WEIGHT, ids=list(ONE_PLUS_WEIGHT))
+def test_a_norm_scaling_by_one_plus_its_weight_is_recognised_with_its_offset(case):
+    build, kind = ONE_PLUS_WEIGHT[case]
+    norm = build()
+    info = _only(norm, (2, 5, 16))
+    assert info.kind is kind and info.scale_offset == 1.0 and not info.native
+    assert "with scale (1 + weight)" in info.evidence
+    assert torch.equal(info.scale(), norm.weight.detach().double() + 1)
+
+
+def test_a_plain_weight_keeps_offset_zero():
+    info = _only(_llama_norm(), (2, 5, 16))
+    assert info.scale_offset == 0.0 and torch.equal(info.scale(), info.weight.detach().double())
+
+
+def test_a_miss_is_reported_as_a_share_of_the_output_not_a_huge_number():
+    # Scales by (2 + w), w = 0: the w·n(x) formula gives 0 (once reported as off by 3.3e+30), the
+    # (1 + w)·n(x) one gives half of the output.
+    result = _recognize(OnePlusWeightRMSNorm(16, offset=2.0), (2, 5, 16))
+    (item,) = result.unrecognized
+    assert result.norms == []
+    assert ("closest formula is RMSNorm with scale (1 + weight) with eps=1e-06: off by 50% at most, 50% on average, "
+            "of the larger output's scale") in item.detail
+
+
 # ------------------------------------------------------------------------------- look-alikes
 
 

@@ -6,11 +6,15 @@ A norm with affine ``y = n(x) * γ + β`` (n the parameter-free normalization) f
     W' = W · diag(γ),    b' = b + W β
 
 (per consumer; for transformers' ``Conv1D``, whose weight is stored (in, out), the same with rows and
-columns swapped). The trace must prove that every call of the norm feeds only linear layers
-(q/k/v projections, MLP up/gate projections, an LM head) and that those layers read nothing else;
-their weights must not be tied or used outside them. The norm is left parameter-free: torch's
-layers lose their affine (``elementwise_affine=False``); a hand-written norm keeps its class with
-weight 1 (bias 0), frozen. Arithmetic is float64, cast back once.
+columns swapped; a shift into a layer without a bias gives it one). The trace must prove that every
+call of the norm feeds only linear layers (q/k/v projections, MLP up/gate projections, an LM head)
+and that those layers read nothing else; their weights must not be tied or used outside them. Ops
+that only move, reshape or select along axes other than the hidden one may sit between (a causal
+LM's ``hidden_states[:, -k:, :]`` before ``lm_head``, GPT-2's ``view``): they commute with a
+per-feature scale and shift. γ is the norm's *effective* scale: Gemma's RMSNorm multiplies by
+``1 + w`` (:attr:`NormInfo.scale_offset`). The norm is left parameter-free: torch's layers lose their
+affine (``elementwise_affine=False``); a hand-written norm keeps its class with its weight set so the
+effective scale is 1 (``w = 1``, Gemma's ``w = 0``; bias 0), frozen. Arithmetic is float64, cast back once.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..dataflow import Refusal, check_editable, describe, users_through
+from ..dataflow import Refusal, check_editable, describe, is_passthrough, walk_down
+from ..layout import is_layout_op
 from ..maths import input_shift_contribution, scale_channels_
 from ..pipeline import Edit, ModulePass, PassContext, run
 from ..placement import is_conv1d
 from ..recognize import NormInfo, NormKind, recognize_norms
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import editable_weight, ensure_bias, foreign_hooks
-from ..trace import Trace
+from ..trace import Node, Trace
 
 _FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
 
@@ -97,26 +102,67 @@ def plan_affine_fold(flow: Trace, info: NormInfo, shared: set[int]) -> list[nn.M
         raise Refusal(SkipReason.HOOKED, f"its forward hooks ({', '.join(hooks)}) would see its output without the affine")
     reads: dict[nn.Module, int] = {}
     for call in calls:
-        if not call.outputs:
-            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "it returned no tensor")
-        for user, value in users_through(call.outputs[0]):
-            if not (user.kind == "module" and _is_linear_like(user.module)):
-                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output also goes to {describe(user)}")
-            if flow.data_input(user) is not value or len(user.inputs) != 1:
-                raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads other tensors too")
+        for user in _linear_readers(flow, call):
             reads[user.module] = reads.get(user.module, 0) + 1
     for module, count in reads.items():
         if len(flow.calls_of(module)) != count:
             raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} also reads other inputs")
         if in_features(module) != info.num_features:
             raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{flow.module_paths[module]} does not read the normalized features")
+        _refuse_tied(flow, module, shared)
         check_editable(flow, module, shared)
     return list(reads)
 
 
+def _linear_readers(flow: Trace, call: Node) -> list[Node]:
+    """The linear-layer calls that read one call's output on its hidden (last) axis, through layout ops and
+    selections along other axes; :class:`Refusal` for any other reader."""
+    if not call.outputs:
+        raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, "it returned no tensor")
+    output = call.outputs[0]
+    found = []
+    for user, axis, value in walk_down(output, through=_crossable, axis=len(output.shape) - 1):
+        if not (user.kind == "module" and _is_linear_like(user.module)):
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"its output also goes to {describe(user)}")
+        if flow.data_input(user) is not value or len(user.inputs) != 1:
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads other tensors too")
+        if axis != len(value.shape) - 1:
+            raise Refusal(SkipReason.NO_FOLDABLE_NEIGHBOUR, f"{describe(user)} reads the normalized features "
+                          "mixed with, or on, another axis")
+        found.append(user)
+    return found
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where a tensor's memory starts (None for an empty or meta one, whose address says nothing)."""
+    if tensor.is_meta or not tensor.numel():
+        return None
+    return tensor.untyped_storage().data_ptr()
+
+
+def _crossable(node: Node) -> bool:
+    """An op between the norm and its linears that commutes with a per-feature affine (axes tracked)."""
+    return is_layout_op(node) or is_passthrough(node)
+
+
+def _refuse_tied(flow: Trace, module: nn.Module, shared: set[int]) -> None:
+    """Refuse a consumer whose weight another module holds too (a tied LM head), naming that module."""
+    own = {id(p): p for p in module.parameters(recurse=False) if id(p) in shared}
+    if not own:
+        return
+    storages = {_storage(p) for p in own.values()} - {None}
+    others = [path for other, path in flow.module_paths.items() if other is not module and any(
+        id(p) in own or _storage(p) in storages for p in other.parameters(recurse=False))]
+    if others:
+        path = flow.module_paths[module]
+        raise Refusal(SkipReason.SHARED_PARAMETER, f"{path} shares its weight with {', '.join(others)} (tied weights, "
+                      f"e.g. input/output embeddings): a scale folded into it would change {others[0]} too; untie "
+                      "them first (transformers: tie_word_embeddings=False, or give the head its own copy of the weight)")
+
+
 def apply_affine_fold(flow: Trace, info: NormInfo, consumers: list[nn.Module]) -> list[Change]:
     """Fold ``info``'s affine into ``consumers`` (planned by :func:`plan_affine_fold`); the norm ends parameter-free."""
-    gamma = _as_vector(info.weight, info.num_features)
+    gamma = _as_vector(info.weight, info.num_features) + info.scale_offset
     beta = _as_vector(info.bias, info.num_features, fill=0.0)
     changes = []
     for module in consumers:
@@ -148,7 +194,8 @@ def fold_input_affine(module: nn.Module, gamma: torch.Tensor, beta: torch.Tensor
 
 
 def strip_affine(info: NormInfo) -> None:
-    """Leave the norm parameter-free: torch's layers drop their affine, hand-written ones get 1 / 0, frozen."""
+    """Leave the norm parameter-free: torch's layers drop their affine, hand-written ones get an effective
+    scale of 1 (weight ``1 - scale_offset``: 1, or Gemma's 0) and bias 0, frozen."""
     module = info.module
     if info.native and isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         module.weight = None
@@ -157,7 +204,7 @@ def strip_affine(info: NormInfo) -> None:
         module.elementwise_affine = False
         return
     with torch.no_grad():
-        for tensor, value in ((info.weight, 1.0), (info.bias, 0.0)):
+        for tensor, value in ((info.weight, 1.0 - info.scale_offset), (info.bias, 0.0)):
             if tensor is not None:
                 tensor.fill_(value)
                 tensor.requires_grad_(False)

@@ -16,7 +16,7 @@ import models
 from normsurgeon.errors import PreconditionError
 from normsurgeon.passes.fold_norm_affine import fold_norm_affines
 from normsurgeon.report import SkipReason
-from tests.hf_models import hf_inputs, hf_model
+from tests.hf_models import causal_lm, hf_inputs, hf_model
 
 
 def _fold(model: nn.Module, inputs: tuple):
@@ -147,3 +147,69 @@ def test_transformers_models_fold_where_only_linears_read_the_norm(name):
     with torch.no_grad():
         torch.testing.assert_close(model(*fresh).last_hidden_state, original(*fresh).last_hidden_state,
                                    rtol=1e-5, atol=1e-5)
+
+
+class SelectThenLinear(nn.Module):
+    """LayerNorm over (B, T, 8), then an op picking entries of its output, then a linear layer."""
+
+    def __init__(self, pick, features: int = 8):
+        super().__init__()
+        self.ln, self.fc, self.pick = nn.LayerNorm(8), nn.Linear(features, 4), pick
+        with torch.no_grad():
+            self.ln.weight.uniform_(-1.5, 1.5)
+            self.ln.bias.normal_()
+
+    def forward(self, x):
+        return self.fc(self.pick(self.ln(x)))
+
+
+TOKENS = torch.tensor([0, 2, 3])
+SELECTIONS = {  # along the tokens (or batch): they commute with a per-feature affine
+    "last-tokens": lambda y: y[:, -2:, :],
+    "ellipsis": lambda y: y[..., 1:, :],
+    "one-token": lambda y: y[:, 0],
+    "narrow": lambda y: y.narrow(1, 1, 3),
+    "select-then-view": lambda y: y.select(0, 1).view(-1, 8),
+    "index-select": lambda y: y.index_select(1, TOKENS),
+    "transpose-then-slice": lambda y: y.transpose(0, 1)[1:].transpose(0, 1),
+}
+
+
+@pytest.mark.parametrize("case", SELECTIONS, ids=list(SELECTIONS))
+def test_a_selection_along_other_axes_is_looked_through(case):
+    model = SelectThenLinear(SELECTIONS[case]).eval()
+    report, original = _fold(model, (torch.randn(2, 5, 8),))
+    assert [(c.module, c.into) for c in report.changes] == [("ln", "fc")] and report.skipped == []
+    assert model.ln.weight is None and model.fc.bias is not None
+    _assert_same(model, original, (torch.randn(3, 5, 8),))
+
+
+PICKS_FEATURES = {  # the linear must read every normalized feature on its last axis
+    "feature-slice": (lambda y: y[..., :4], 4, "its output also goes to __getitem__()"),
+    "feature-index-select": (lambda y: y.index_select(-1, TOKENS), 3, "its output also goes to index_select()"),
+    "advanced-index": (lambda y: y[:, TOKENS], 8, "its output also goes to __getitem__()"),
+    "new-axis": (lambda y: y[:, None], 8, "its output also goes to __getitem__()"),  # recorded like a tensor index
+    "features-moved": (lambda y: y.transpose(1, 2)[..., :8], 8, "fc (Linear) reads the normalized features mixed with, "
+                       "or on, another axis"),
+}
+
+
+@pytest.mark.parametrize("case", PICKS_FEATURES, ids=list(PICKS_FEATURES))
+def test_a_selection_of_the_normalized_features_is_refused(case):
+    pick, features, detail = PICKS_FEATURES[case]
+    model = SelectThenLinear(pick, features).eval()
+    report, _ = _fold(model, (torch.randn(2, 8, 8),))
+    (skip,) = report.skipped
+    assert skip.reason is SkipReason.NO_FOLDABLE_NEIGHBOUR and skip.detail == detail
+    assert report.changes == [] and model.ln.weight is not None
+
+
+def test_gemma_rmsnorms_scaling_by_one_plus_w_fold_and_keep_w_zero():
+    model = causal_lm("gemma")
+    report, original = _fold(model, hf_inputs("llama"))
+    norms = [m for m in model.modules() if type(m).__name__ == "GemmaRMSNorm"]
+    assert report.skipped == [] and len(report.changes) == 2 * (3 + 2) + 1 and len(norms) == 5
+    assert all(torch.equal(n.weight, torch.zeros(32)) and not n.weight.requires_grad for n in norms)  # 1 + w == 1
+    fresh = hf_inputs("llama", seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*fresh).logits, original(*fresh).logits, rtol=1e-5, atol=1e-5)
