@@ -195,7 +195,7 @@ def test_the_pre_export_passes_trace_once_and_check_each_pass_against_the_origin
 
     report = run(pre_export_passes(fold=True), copy.deepcopy(model), (x,))
 
-    assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm", "bake_weight_standardization"]
+    assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm"]
     assert [c.label for c in report.checks] == ["without weight norm vs with", "folded vs original"] and report.passed
     assert [c.action for c in report.changes] == ["weight norm removed", "folded"] and len(traces) == 1
     torch.testing.assert_close(report.model(x), want, rtol=1e-4, atol=1e-5)
