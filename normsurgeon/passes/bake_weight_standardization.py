@@ -69,7 +69,8 @@ class BakeWeightStandardization(ModulePass):
                        f"{found.describe()} by a plain {type(plain).__name__} with that weight baked in")]
 
     def finish(self, ctx: PassContext, report: Report) -> None:
-        report.facts["weight-standardized convs baked"] = len(report.changes)
+        if report.changes:  # a fold or export of a model without any says nothing about them
+            report.facts["weight-standardized convs baked"] = len(report.changes)
 
     def check_without_inputs(self, ctx: PassContext, atol: float | None, rtol: float | None) -> Check:
         """Each new conv against the layer it replaced, on that layer's probe input."""

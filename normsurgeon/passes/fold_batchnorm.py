@@ -36,6 +36,7 @@ from ..pipeline import Edit, ModulePass, PassContext, Sequential, run
 from ..report import Change, Report, Skip, SkipReason
 from ..surgery import editable_weight, ensure_bias, hooks_lost_by_replacing, replace_module, turn_into_identity
 from ..trace import Node, Trace
+from .bake_weight_standardization import BakeWeightStandardization
 from .reparameterize import Reparameterize
 
 _CONSUMERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -87,13 +88,15 @@ def fold_batchnorm(
 
 def fold_passes(*, unfoldable: Literal["keep", "affine"] = "keep", allow_default_stats: bool = False,
                 reparameterize: bool = True) -> Sequential:
-    """What ``fold`` runs: :class:`Reparameterize` (unless turned off), then :class:`FoldBatchNorm`.
+    """What ``fold`` runs: :class:`BakeWeightStandardization`, :class:`Reparameterize` (unless turned
+    off), then :class:`FoldBatchNorm`.
 
-    Merging summed conv+BN branches first (RepVGG, MobileOne) leaves one conv per block and the
-    BNs it absorbed gone; the fold then folds what is left. Both read the run's one trace.
+    Weight standardization is baked first (it needs no trace, so the one trace sees plain convs a
+    BatchNorm can fold into); merging summed conv+BN branches (RepVGG, MobileOne) leaves one conv
+    per block and the BNs it absorbed gone; the fold then folds what is left.
     """
     fold = FoldBatchNorm(unfoldable=unfoldable, allow_default_stats=allow_default_stats)
-    return Sequential(Reparameterize(), fold) if reparameterize else Sequential(fold)
+    return Sequential(BakeWeightStandardization(), *([Reparameterize()] if reparameterize else []), fold)
 
 
 def run_fold(passes: Sequential, model: nn.Module, example_inputs: tuple | dict, **options: Any) -> Report:

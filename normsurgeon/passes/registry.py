@@ -22,8 +22,9 @@ MODULE_PASSES: dict[str, type[ModulePass]] = {
 def pre_export_passes(*, fold: bool) -> Sequential:
     """What export runs on its copy of the model before exporting, in order (one trace for all).
 
-    Weight norm is always baked into plain weights (the file then ships w, not g·v/‖v‖ computed at
-    run time); unless ``fold`` is False, summed conv+BN branches are merged into one conv and the
-    BatchNorms left are folded, as ``fold`` does (:func:`~normsurgeon.passes.fold_batchnorm.fold_passes`).
+    Weight norm and weight standardization are always baked into plain weights (the file then
+    ships the weight, not the ops that recompute it at run time); unless ``fold`` is False, summed
+    conv+BN branches are merged into one conv and the BatchNorms left are folded, as ``fold`` does
+    (:func:`~normsurgeon.passes.fold_batchnorm.fold_passes`, which bakes weight standardization too).
     """
-    return Sequential(RemoveWeightNorm(), *([fold_passes()] if fold else []))
+    return Sequential(RemoveWeightNorm(), fold_passes() if fold else BakeWeightStandardization())

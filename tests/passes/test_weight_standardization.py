@@ -153,6 +153,20 @@ def test_a_batchnorm_after_a_standardized_conv_folds_only_once_it_is_baked() -> 
         assert _max_rel_diff(folded.model(fresh), model(fresh)) <= 1e-5
 
 
+def test_fold_bakes_weight_standardization_first_and_folds_the_batchnorm_after_it_in_one_run() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    model = give_realistic_stats(nn.Sequential(StdConv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()), x)
+
+    report = fold_batchnorm(model, (x,))
+
+    assert [(c.action, c.module) for c in report.changes] == [("replaced", "0"), ("folded", "1")]
+    assert type(report.model[0]) is nn.Conv2d and isinstance(report.model[1], nn.Identity)
+    assert report.facts["weight-standardized convs baked"] == 1 and report.pass_name == "fold"
+    fresh = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert _max_rel_diff(report.model(fresh), model(fresh)) <= 1e-5
+
+
 def test_inspect_names_weight_standardized_convs_instead_of_look_alikes() -> None:
     model = nn.Sequential(StdConv2d(3, 4, 3), nn.ReLU(), StdConv2dSame(4, 4, 3, stride=2)).eval()
     report = inspect_norms(model, (torch.randn(1, 3, 9, 9),))
