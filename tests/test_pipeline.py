@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
 import pytest
@@ -228,6 +228,107 @@ def test_fold_affine_traces_the_model_once(tmp_path: Path, cli, traces: list) ->
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "out.pt", weights_only=False)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- weights not in memory
+
+
+class AlignDevicesHook:
+    """What the runner reads of accelerate's hook (accelerate.hooks.AlignDevicesHook)."""
+
+    def __init__(self, offload: bool, weights_map: dict | None = None) -> None:
+        self.offload, self.weights_map = offload, weights_map
+
+
+def _accelerate_like(model: nn.Module) -> nn.Module:
+    """What accelerate.cpu_offload leaves: weights moved to a map, meta placeholders, a hook on each module."""
+    weights: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            weights[f"{path}.{name}"] = param.detach().clone()
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"))
+        module._hf_hook = AlignDevicesHook(offload=bool(module._parameters), weights_map=weights if path else None)
+    return model
+
+
+def _accelerate_cpu_offload(model: nn.Module) -> nn.Module:
+    return pytest.importorskip("accelerate").cpu_offload(model, execution_device="cpu")
+
+
+class CPUCache(MutableMapping):
+    """compressed-tensors' OffloadCache: module._parameters that hands out a fresh copy at every access."""
+
+    def __init__(self, values: dict) -> None:
+        self.offloaded_values = dict(values)
+
+    def __getitem__(self, key: str):
+        value = self.offloaded_values[key]
+        return None if value is None else nn.Parameter(value.detach().clone())
+
+    def __setitem__(self, key: str, value) -> None:
+        self.offloaded_values[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.offloaded_values[key]
+
+    def __iter__(self):
+        return iter(self.offloaded_values)
+
+    def __len__(self) -> int:
+        return len(self.offloaded_values)
+
+
+def _compressed_tensors_like(model: nn.Module) -> nn.Module:
+    for module in (model.a, model.b):
+        module._parameters, module._buffers = CPUCache(module._parameters), CPUCache(module._buffers)
+    return model
+
+
+OFFLOADED = {
+    "accelerate-simulated": (_accelerate_like, "accelerate AlignDevicesHook on a"),
+    "accelerate-cpu_offload": (_accelerate_cpu_offload, "accelerate AlignDevicesHook on a"),
+    "compressed-tensors-simulated": (_compressed_tensors_like, "CPUCache, compressed-tensors offload on a"),
+}
+
+
+@pytest.mark.parametrize("case", OFFLOADED, ids=list(OFFLOADED))
+def test_offloaded_weights_are_refused_naming_the_first_one(case: str) -> None:
+    offload, how = OFFLOADED[case]
+    model = offload(Net().eval())
+    x = torch.randn(2, 4)
+    before = _snapshot(model)
+    for one_pass in (DoubleThenHalve(), FoldNormAffines()):
+        with pytest.raises(PreconditionError, match=rf"the model's weights are offloaded \({how}\): a\.weight is not held "
+                                                    r"in memory, .*; load the weights into memory first \(e\.g\. "
+                                                    "from_pretrained without device_map"):
+            run(one_pass, model, (x,))
+    after = _snapshot(model)
+    assert [(n, d) for n, d, _ in after] == [(n, d) for n, d, _ in before]
+    assert all(a is b is None or torch.equal(a, b) for (_, _, a), (_, _, b) in zip(after, before))
+
+
+def _snapshot(model: nn.Module) -> list[tuple[str, torch.device, torch.Tensor | None]]:
+    """Each parameter's name, device and values (None for a meta placeholder)."""
+    return [(n, t.device, None if t.is_meta else t.detach().clone()) for n, t in model.named_parameters()]
+
+
+def test_an_accelerate_hook_that_only_moves_inputs_is_no_offload() -> None:
+    model = Net().eval()
+    model._hf_hook = AlignDevicesHook(offload=False)  # device_map onto one device: weights stay in the module
+    assert run(DoubleThenHalve(), model, (torch.randn(2, 4),)).passed
+
+
+def test_meta_weights_are_refused_with_and_without_example_inputs() -> None:
+    with torch.device("meta"):
+        model = Net().eval()
+    with pytest.raises(PreconditionError, match=r"on the meta device \(shapes, no values\): a\.weight, a\.bias, b\.weight"):
+        run(DoubleThenHalve(), model, (torch.randn(2, 4),))
+    with torch.device("meta"):
+        normed = _weight_normed_linear()
+    with pytest.raises(PreconditionError, match=r"^0\.bias is on the meta device "
+                                                r"\(a shape, no values\): load the weights into memory first"):
+        run(MODULE_PASSES["remove_weight_norm"](), normed, None)  # a pass that needs no inputs
+    assert normed[0].parametrizations.weight.original0.is_meta
 
 
 # --------------------------------------------------------------------------- one place raises
