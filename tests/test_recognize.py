@@ -303,3 +303,16 @@ def test_kind_names_parse_and_an_unknown_name_lists_the_valid_ones():
     message = str(error.value)
     assert "unknown kind 'rms'" in message
     assert all(name in message for name in NormKind.names())
+
+
+def test_a_one_plus_weight_norm_converts_to_torchs_layer_with_that_scale():
+    from normsurgeon.passes.convert import convert_norms
+
+    norm = _randomized(OnePlusWeightRMSNorm(16))
+    model = nn.Sequential(norm).eval()
+    report = convert_norms(model, (torch.randn(2, 5, 16),), to="native")
+    assert isinstance(model[0], nn.RMSNorm) and report.check.passed
+    assert torch.equal(model[0].weight, norm.weight.detach() + 1)
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), norm(x), rtol=1e-5, atol=1e-6)  # the replaced module, untouched

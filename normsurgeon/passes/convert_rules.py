@@ -83,7 +83,7 @@ def _native_rmsnorm(info: NormInfo) -> nn.Module:
     if info.bias is not None:
         raise Refusal(SkipReason.NO_CONVERSION, "it adds a bias, which nn.RMSNorm has not")
     new = nn.RMSNorm(info.normalized_shape, eps=info.eps, elementwise_affine=info.weight is not None, **_factory(info))
-    _copy(new.weight, info.weight)
+    _copy(new.weight, info.scale())  # weight + scale_offset: Gemma's RMSNorm scales by 1 + w
     return new
 
 
@@ -91,7 +91,7 @@ def _native_layernorm(info: NormInfo) -> nn.Module:
     affine = info.weight is not None or info.bias is not None
     new = nn.LayerNorm(info.normalized_shape, eps=info.eps, elementwise_affine=affine,
                        bias=info.bias is not None, **_factory(info))
-    _copy(new.weight, info.weight, 1.0)
+    _copy(new.weight, info.scale(), 1.0)  # weight + scale_offset (LayerNorm1P: 1 + w)
     _copy(new.bias, info.bias)
     return new
 
