@@ -127,3 +127,45 @@ def hf_inputs(name: str, seed: int = 0, batch: int = 2) -> tuple | dict:
     if name == "t5":
         return {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
     return (ids,)
+
+
+# Pre-norm transformers with LayerNorms, for LayerNorm -> RMSNorm by centring the residual stream (with causal_lm's
+# gpt2 and opt, which tie lm_head to the input embedding): Phi's parallel attention + MLP and rotary embedding,
+# ViT's class token and position embeddings, DINOv2's layer scales, Whisper's encoder (a GELU starts its stream)
+# and decoder (tied proj_out), Swin's windows, drop-path and patch merging (its first stream starts at a LayerNorm).
+PRENORM_MODELS = ("phi", "vit", "dinov2", "whisper", "swin")
+
+
+def prenorm_model(name: str) -> nn.Module:
+    """A tiny randomly initialised pre-norm transformer (hidden 32, 2 layers; Swin 16 then 32, one block a stage),
+    norm affines and layer scales randomized, eval mode. Names: :data:`PRENORM_MODELS`."""
+    tf = pytest.importorskip("transformers")
+    if name in ("vit", "whisper"):
+        return pretrained_model(name)
+    torch.manual_seed(0)
+    image = {"image_size": 32, "num_attention_heads": 4}
+    builders = {
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**TEXT)),
+        "dinov2": lambda: tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, mlp_ratio=2, patch_size=8,
+                                                         **image)),
+        "swin": lambda: tf.SwinModel(tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                   num_heads=[2, 2], window_size=4)),
+    }
+    generator = torch.Generator().manual_seed(0)
+    model = randomize_affine(builders[name](), generator)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("LayerScale"):
+                module.lambda1.copy_(torch.rand(module.lambda1.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def prenorm_inputs(name: str, seed: int = 0, batch: int = 2) -> tuple | dict:
+    """Example inputs for :func:`prenorm_model` and :func:`causal_lm` (token ids, images, or Whisper's features)."""
+    generator = torch.Generator().manual_seed(seed)
+    if name in ("vit", "dinov2", "swin"):
+        return (torch.randn(batch, 3, 32, 32, generator=generator),)
+    if name == "whisper":
+        return {"input_features": torch.randn(batch, 8, 32, generator=generator),
+                "decoder_input_ids": torch.randint(0, VOCAB, (batch, 5), generator=generator)}
+    return hf_inputs(name, seed, batch)

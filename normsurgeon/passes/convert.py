@@ -61,6 +61,7 @@ def convert_norms(
     from_: NormKind | str | None = None,
     only: str | None = None,
     approximate: bool = False,
+    untie: bool = False,
     inplace: bool = True,
     atol: float | None = None,
     rtol: float | None = None,
@@ -69,7 +70,9 @@ def convert_norms(
 
     ``from_`` limits the conversion to norms of one kind, ``only`` to paths matching a glob pattern
     (comma-separated patterns allowed). Exact conversions are checked; approximate ones need
-    ``approximate=True`` (else :class:`UsageError` with the difference they would make).
+    ``approximate=True`` (else :class:`UsageError` with the difference they would make). ``untie``:
+    LayerNorm -> RMSNorm may give a layer that writes to the residual stream its own copy of a tied
+    weight (an input embedding tied to the LM head), so that it can be centred alone.
     """
     target = parse_target(to)
     source_kind = NormKind.parse(from_, option="--from kind") if isinstance(from_, str) else from_
@@ -85,13 +88,14 @@ def convert_norms(
     recognition = recognize_norms(model, flow)
     selected = _select(recognition, source_kind, only, report)
     shared = shared_parameter_ids(model)
-    centring, rest, why_not_centred = _plan_centring(flow, recognition, selected, target, shared, report)
+    centring, rest, why_not_centred = _plan_centring(model, example_inputs, flow, recognition, selected, target, shared,
+                                                     report, untie)
     items = _plan_items(rest, target, report, why_not_centred)
     inexact = [item for item in items if item.why_inexact]
     if inexact and not approximate:
-        raise _approximate_required(model, example_inputs, inexact, to=to, from_=from_, only=only)
+        raise _approximate_required(model, example_inputs, inexact, to=to, from_=from_, only=only, untie=untie)
     if centring is not None:
-        _apply_centring(model, flow, centring, shared, report)
+        _apply_centring(model, flow, centring, report)
     for item in items:
         if not item.why_inexact:
             _replace(model, item, report)
@@ -124,27 +128,36 @@ def _select(recognition: Recognition, kind: NormKind | None, only: str | None, r
     return chosen
 
 
-def _plan_centring(flow: Trace, recognition: Recognition, selected: list[NormInfo], target: NormKind | None,
-                   shared: set[int], report: Report) -> tuple[CentringPlan | None, list[NormInfo], dict[int, str]]:
+def _plan_centring(model: nn.Module, example_inputs: tuple | dict, flow: Trace, recognition: Recognition,
+                   selected: list[NormInfo], target: NormKind | None, shared: set[int], report: Report,
+                   untie: bool) -> tuple[CentringPlan | None, list[NormInfo], dict[int, str]]:
     """LayerNorm -> RMSNorm by centring, for the LNs where the structure allows; the rest go on,
     with why centring does not make them exact (by ``id`` of their NormInfo)."""
     lns = [i for i in selected if i.kind is NormKind.LAYERNORM] if target is NormKind.RMSNORM else []
     if not lns:
         return None, selected, {}
     where = place_norms(flow, [i.module for i in recognition.norms])
-    try:
-        plan = plan_centring(flow, recognition, lns, where, shared)
-    except Refusal as refusal:
+    plan = plan_centring(flow, recognition, lns, where, shared, untie=untie, model=model, inputs=example_inputs)
+    why_not = {}
+    for infos, refusal in plan.refused:
         why = f"the residual stream cannot be centred: {refusal.detail}"
-        report.notes.append(f"LayerNorm -> RMSNorm cannot be exact by centring the residual stream: {refusal.detail}")
-        report.left_out.extend(LeftOut(i.path, refusal.reason, why) for i in lns)
-        return None, selected, {id(i): why for i in lns}
+        report.notes.append(f"LayerNorm -> RMSNorm cannot be exact by centring the residual stream read by "
+                            f"{_names(infos)}: {refusal.detail}")
+        report.left_out.extend(LeftOut(i.path, refusal.reason, why) for i in infos)
+        why_not.update((id(i), why) for i in infos)
     for info, reason, detail in plan.left_out:
         report.notes.append(f"{info.path}: not converted exactly: {detail}")
         report.left_out.append(LeftOut(info.path, reason, detail))
+        why_not[id(info)] = detail
     converted = {id(i) for i in plan.norms}
-    why_not = {id(info): detail for info, _, detail in plan.left_out}
+    if not converted:
+        return None, selected, why_not
     return plan, [i for i in selected if id(i) not in converted], why_not
+
+
+def _names(infos: list[NormInfo]) -> str:
+    more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
+    return ", ".join(i.path for i in infos[:3]) + more
 
 
 def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
@@ -177,7 +190,7 @@ def _approximate_required(model: nn.Module, example_inputs: tuple | dict, inexac
     """The error for an approximate conversion without ``approximate``, with the difference it would make."""
     trial = convert_norms(copy_model(model), example_inputs, approximate=True, **options)
     check = trial.checks[-1]
-    names = ", ".join(item.info.path for item in inexact[:3]) + (f" and {len(inexact) - 3} more" if len(inexact) > 3 else "")
+    names = _names([item.info for item in inexact])
     first = inexact[0]
     return UsageError(
         f"{first.info.kind.spec.title} -> {first.rule.target.spec.title} is not exact for {names}: {first.why_inexact}; "
@@ -189,10 +202,11 @@ def _approximate_required(model: nn.Module, example_inputs: tuple | dict, inexac
 # ------------------------------------------------------------------------------- applying
 
 
-def _apply_centring(model: nn.Module, flow: Trace, plan: CentringPlan, shared: set[int], report: Report) -> None:
-    changes, outcome = apply_centring(flow, plan, shared)
-    report.changes.extend(changes)
-    for info, new, detail in outcome:
+def _apply_centring(model: nn.Module, flow: Trace, plan: CentringPlan, report: Report) -> None:
+    outcome = apply_centring(model, flow, plan)
+    report.changes.extend(outcome.changes)
+    report.notes.extend(outcome.notes)
+    for info, new, detail in outcome.norms:
         if new is None:
             report.skipped.append(Skip(info.path, SkipReason.NO_FOLDABLE_NEIGHBOUR, detail))
             continue

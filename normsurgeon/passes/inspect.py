@@ -81,7 +81,7 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
     channel = {i.module for i in recognition.norms if i.kind.spec.channel_dim_1}
     where = place_norms(flow, [i.module for i in recognition.norms], channel_norms=channel)
     shared = shared_parameter_ids(model)
-    exact_rms = _exact_rmsnorm(flow, recognition, where, shared)
+    exact_rms = _exact_rmsnorm(flow, recognition, where, shared, model, example_inputs)
     invariant = find_scale_invariant(model, flow)
     for info in recognition.norms:
         row = _row(info, where[info.module], info.path in training)
@@ -162,17 +162,20 @@ def _convert_options(info: NormInfo, exact_rms: dict[nn.Module, str], row: NormR
             row.can.append(f"convert to {name} ({into}) exactly (--to {name})")
 
 
-def _exact_rmsnorm(flow: Trace, recognition: Recognition, where: dict[nn.Module, Where], shared: set[int]) -> dict[nn.Module, str]:
+def _exact_rmsnorm(flow: Trace, recognition: Recognition, where: dict[nn.Module, Where], shared: set[int],
+                   model: nn.Module, example_inputs: tuple | dict) -> dict[nn.Module, str]:
     """LayerNorm module -> '' when LN->RMSNorm is exact by centring, else why not."""
     lns = [i for i in recognition.norms if i.kind is NormKind.LAYERNORM]
     if not lns:
         return {}
     try:
-        plan = plan_centring(flow, recognition, lns, where, shared)
+        plan = plan_centring(flow, recognition, lns, where, shared, model=model, inputs=example_inputs)
     except Refusal as refusal:
         return {i.module: f"the residual stream cannot be centred: {refusal.detail}" for i in lns}
     result = {i.module: "" for i in plan.norms}
     result.update({i.module: detail for i, _, detail in plan.left_out})
+    result.update({i.module: f"the residual stream cannot be centred: {why.detail}"
+                   for infos, why in plan.refused for i in infos})
     return result
 
 
