@@ -183,6 +183,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(model, folder / "model.pt")
     torch.save(model.state_dict(), folder / "weights.pt")
     torch.save(conv_model().train(), folder / "train.pt")
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), folder / "program.pt2")
     with warnings.catch_warnings():  # the old hook API is deprecated, and still what old checkpoints hold
         warnings.simplefilter("ignore", FutureWarning)
         weight_normed = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 8, 3, padding=1)), nn.ReLU(),
@@ -254,6 +255,8 @@ IS_DIR = Problem(8, "cannot write adir: it is a directory", "pass a file path wi
 UNDER_FILE = Problem(8, "file.txt is not a directory", "choose another path with -o")
 EXISTS = Problem(8, "out.pt exists", "pass --force to overwrite")
 IS_INPUT = Problem(8, "it is the input file", "choose another output path with -o")
+EXPORTED = Problem(2, "needs nn.Module layers, which a .pt2 ExportedProgram does not have",
+                   "pass the nn.Module it was exported from (or its state_dict with --factory)")
 ONNX_MISSING = Problem(3, "no such file", "check the path")
 ONNX_FOLDER = Problem(3, "is a directory, not an .onnx file", "pass the .onnx file itself")
 ONNX_UNREADABLE = Problem(3, "not a readable ONNX model", "re-export")
@@ -375,6 +378,12 @@ def _cases() -> Iterator[object]:  # a Case, or a pytest.param of one
     # inspect reports it as a hazard; recalibrate and weightnorm do not depend on it)
     for name in ("fold", "convert"):
         yield Case(f"{name}-training-mode", COMMANDS[name].args("train.pt"), TRAINING)
+
+    # a .pt2 where a command edits or reads nn.Module layers: one wording for every command (fold and
+    # export work on a .pt2; fold --affine does not)
+    for name in ("inspect", "convert", "weightnorm apply", "weightnorm remove", "recalibrate"):
+        yield Case(f"{name.replace(' ', '-')}-exported-program", COMMANDS[name].args("program.pt2"), EXPORTED)
+    yield Case("fold-affine-exported-program", COMMANDS["fold"].args("program.pt2", extra=("--affine",)), EXPORTED)
 
     # an output that cannot be written
     for command in COMMANDS.values():

@@ -81,7 +81,8 @@ def test_like_takes_the_models_floating_dtype():
     (X, UsageError, r"example_inputs is a Tensor: pass a tuple of positional arguments, e.g. \(x,\)"),
     ("x", UsageError, "example_inputs must be a tuple of positional arguments or a dict of keyword arguments, not str"),
     ({0: X}, UsageError, "keyword example inputs must be named by str, not 0"),
-    ((torch.empty(2, 4, device="meta"),), PreconditionError, r"example inputs are on the meta device \(shapes, no values\)"),
+    ((torch.empty(2, 4, device="meta"),), PreconditionError,
+     r"example inputs are on the meta device \(shapes, no values\)"),
     ({"x": [torch.empty(2, device="meta")]}, PreconditionError, "example inputs are on the meta device"),
 ], ids=["tensor", "str", "non-str-key", "meta", "nested-meta"])
 def test_unusable_inputs_are_refused_when_made(value, error, message):

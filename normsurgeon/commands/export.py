@@ -7,27 +7,20 @@ from pathlib import Path
 import click
 
 from ..cli_options import (
-    ATOL_HELP,
-    RTOL_HELP,
-    TOLERANCE,
-    emit,
-    handle_errors,
     input_options,
     model_options,
     output_options,
     report_options,
+    tolerance_options,
     weights_option,
 )
-from ..io.inputs import resolve_inputs
-from ..io.loading import load_model
-from ..io.saving import check_output_path, default_output_path, files_read
+from ..io.saving import default_output_path
+from .common import ModelArgs, model_command, open_model
 
 _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "cuda", "all"]), default="cpu",
                          show_default=True,
                          help="onnxruntime execution provider(s) to verify on; 'all' runs those present "
                               "and says which were skipped (cuda needs normsurgeon[gpu] on a CUDA machine).")
-_ATOL = click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
-_RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 
 
 @click.command(short_help="Fold, export to ONNX and verify it in onnxruntime.")
@@ -48,14 +41,10 @@ _RTOL = click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
 @click.option("--dynamic-batch", is_flag=True,
               help="Make dim 0 of every input symbolic; the file is then verified at two batch sizes.")
 @_PROVIDER
-@_ATOL
-@_RTOL
-@handle_errors
-def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-           weights: Path | None,
-           input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
-           as_json: bool, verbose: bool, no_fold: bool, opset: int | None, dynamic: tuple[str, ...],
-           dynamic_batch: bool, providers: str, atol: float | None, rtol: float | None) -> None:
+@tolerance_options
+@model_command
+def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: tuple[str, ...], dynamic_batch: bool,
+           providers: str, atol: float | None, rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -71,17 +60,12 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     from ..onnx.export import export_onnx
 
     axes = parse_dynamic(dynamic)  # a bad spec fails before the model loads
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
-                        weights=weights)
-    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
-    out_path = check_output_path(output or onnx_path_for(model_path), force=force, protect=reads)
-    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    report = export_onnx(loaded.model, inputs.args, out_path, fold=not no_fold, opset=opset,
+    opened = open_model(args, None)
+    out_path = opened.output_file(onnx_path_for(args.model_path))
+    report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,
                          dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
-                         rtol=rtol, force=force, protect=reads, verbose=verbose)
-    report.notes[:0] = [*loaded.notes, inputs.description]
-    facts = {"model": f"{model_path} ({loaded.form})", "output": str(out_path)}
-    emit(report, as_json=as_json, title="normsurgeon export", facts=facts, extra={"output": str(out_path)})
+                         rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose)
+    opened.emit(report, title="normsurgeon export", facts={"output": str(out_path)}, extra={"output": str(out_path)})
 
 
 @click.command(short_help="Compare MODEL with MODEL.onnx in onnxruntime, output by output.")
@@ -90,14 +74,10 @@ def export(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @input_options
 @_PROVIDER
-@_ATOL
-@_RTOL
+@tolerance_options
 @report_options
-@handle_errors
-def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-           weights: Path | None,
-           onnx_path: Path, input_shapes: tuple[str, ...], inputs_file: Path | None, providers: str,
-           atol: float | None, rtol: float | None, as_json: bool, verbose: bool) -> None:
+@model_command
+def verify(args: ModelArgs, onnx_path: Path, providers: str, atol: float | None, rtol: float | None) -> None:
     """Compare MODEL (torch) with MODEL.onnx (onnxruntime) on the same inputs, output by output.
 
     Prints max abs diff, max rel diff and cosine per output and provider; exits 0 only if every
@@ -110,13 +90,9 @@ def verify(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
     """
     from ..onnx.verify import verify_onnx
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
-                        weights=weights)
-    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    report = verify_onnx(loaded.model, onnx_path, inputs.args, providers=providers, atol=atol, rtol=rtol)
-    report.notes[:0] = [*loaded.notes, inputs.description]
-    facts = {"model": f"{model_path} ({loaded.form})", "onnx": str(onnx_path)}
-    emit(report, as_json=as_json, title="normsurgeon verify", facts=facts, extra={"onnx": str(onnx_path)})
+    opened = open_model(args, None)
+    report = verify_onnx(opened.model, onnx_path, opened.example_inputs(), providers=providers, atol=atol, rtol=rtol)
+    opened.emit(report, title="normsurgeon verify", facts={"onnx": str(onnx_path)}, extra={"onnx": str(onnx_path)})
 
 
 def onnx_path_for(model_path: Path) -> Path:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 from rich.console import Console
 from rich.table import Table
 
-from ..cli_options import handle_errors, input_options, model_options, report_options, weights_option
-from ..io.loading import load_model
-from ..errors import UsageError
+from ..cli_options import input_options, model_options, report_options, weights_option
+from .common import ModelArgs, model_command, open_model
 
 
 @click.command(short_help="List norm layers, what can be done with them, and hazards.")
@@ -18,10 +15,8 @@ from ..errors import UsageError
 @weights_option
 @input_options
 @report_options
-@handle_errors
-def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-            weights: Path | None,
-            input_shapes: tuple[str, ...], inputs_file: Path | None, as_json: bool, verbose: bool) -> None:
+@model_command
+def inspect(args: ModelArgs) -> None:
     """List every norm layer: kind, eps, affine, where it sits, what can be folded or converted
     (and why not), and hazards. Norms are recognised by what they compute, not by class name.
 
@@ -29,22 +24,17 @@ def inspect(model_path: Path, factory: str | None, import_paths: tuple[Path, ...
     Example:
       normsurgeon inspect model.pt --input-shape 1,16:int64 --json
     """
-    from ..io.inputs import resolve_inputs
     from ..passes.inspect import inspect_norms
     from ..render import render_json, report_console
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
-                        weights=weights)
-    if loaded.form == "exported_program":
-        raise UsageError(f"{model_path}: a .pt2 ExportedProgram has no norm modules to inspect; inspect the nn.Module "
-                         "before torch.export")
-    inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    report = inspect_norms(loaded.model, inputs.args)
-    report.notes[:0] = [*loaded.notes, inputs.description]
-    if as_json:
-        click.echo(render_json({**report.to_dict(), "model": str(model_path)}))
+    opened = open_model(args, "inspect")
+    report = inspect_norms(opened.model, opened.example_inputs())
+    opened.annotate(report)
+    if args.as_json:
+        click.echo(render_json({**report.to_dict(), "model": str(args.model_path)}))
     else:
-        print_inspect(report, report_console(highlight=False, soft_wrap=False), title=f"normsurgeon inspect {model_path}")
+        print_inspect(report, report_console(highlight=False, soft_wrap=False),
+                      title=f"normsurgeon inspect {args.model_path}")
 
 
 def print_inspect(report, console: Console, *, title: str) -> None:

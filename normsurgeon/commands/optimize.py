@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_options import ATOL_HELP, RTOL_HELP, TOLERANCE, emit, handle_errors, output_options
+from ..cli_options import emit, handle_errors, output_options, tolerance_options
 from ..errors import UsageError
 from ..io.inputs import parse_input_shape
 from ..io.saving import check_output_path, default_output_path
@@ -17,8 +17,7 @@ from ..io.saving import check_output_path, default_output_path
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
               help="Concrete shape of each graph input, in order (repeat the option), for models with "
                    "symbolic dims, e.g. 1,3,224,224. No dtype: it comes from the model.")
-@click.option("--atol", type=TOLERANCE, help=ATOL_HELP)
-@click.option("--rtol", type=TOLERANCE, help=RTOL_HELP)
+@tolerance_options
 @output_options(default="MODEL.opt.onnx beside MODEL.onnx")
 @handle_errors
 def optimize(onnx_path: Path, output: Path | None, input_shapes: tuple[str, ...], atol: float | None,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..cli_options import emit, handle_errors, model_options, output_options, weights_option
-from ..io.loading import load_model
-from ..errors import UsageError
+from ..cli_options import model_options, output_options, weights_option
+from .common import ModelArgs, model_command, open_model
 
 
 @click.command(short_help="Recompute BatchNorm running statistics from data.")
@@ -22,11 +21,8 @@ from ..errors import UsageError
               help="Use at most N batches (default: all but one, held out for the check).")
 @click.option("--batch-size", type=click.IntRange(min=1), metavar="B",
               help="Re-batch the data into batches of B samples first.")
-@handle_errors
-def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-                weights: Path | None,
-                output: Path | None, force: bool, as_json: bool, verbose: bool, data_path: Path,
-                batches: int | None, batch_size: int | None) -> None:
+@model_command
+def recalibrate(args: ModelArgs, data_path: Path, batches: int | None, batch_size: int | None) -> None:
     """Reset and re-estimate every BatchNorm's running mean/var from --data.
 
     Each BatchNorm gets the exact mean and variance of every sample it received, pooled over
@@ -39,31 +35,20 @@ def recalibrate(model_path: Path, factory: str | None, import_paths: tuple[Path,
     Example:
       normsurgeon recalibrate averaged.pt --data calib.pt --batch-size 64
     """
-    from ..io.saving import (
-        check_output_path,
-        default_output_path,
-        files_read,
-        save_module,
-        save_state_dict,
-    )
+    from ..io.saving import save_module, save_state_dict
     from ..passes.recalibrate import recalibrate as run_recalibration
 
-    loaded = load_model(model_path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths,
-                        weights=weights)
-    if loaded.form == "exported_program":
-        raise UsageError(f"{model_path}: a .pt2 ExportedProgram's statistics are constants; recalibrate the nn.Module before export")
-    reads = files_read(model_path, weights, data_path)  # never overwritten by -o (a --data folder: every file in it)
-    out_path = check_output_path(output or default_output_path(model_path, "recalibrated"), force=force, protect=reads)
+    opened = open_model(args, "recalibrate", reads=(data_path,))  # a --data folder: every file in it is protected
+    out_path = opened.output_file("recalibrated")
     # A progress bar only on a terminal: elsewhere it leaves a blank line on stderr.
-    report = run_recalibration(loaded.model, data_path, batches=batches, batch_size=batch_size,
-                               progress=sys.stderr.isatty(), trust_pickle=trust_pickle)
-    report.notes[:0] = list(loaded.notes)
-    if loaded.form == "state_dict+factory":
-        save_state_dict(report.model.state_dict(), out_path, force=force, protect=reads)
+    report = run_recalibration(opened.model, data_path, batches=batches, batch_size=batch_size,
+                               progress=sys.stderr.isatty(), trust_pickle=args.trust_pickle)
+    if opened.loaded.form == "state_dict+factory":
+        save_state_dict(report.model.state_dict(), out_path, force=args.force, protect=opened.reads)
         out_form = "state_dict"
     else:
-        save_module(report.model, out_path, force=force, protect=reads)
+        save_module(report.model, out_path, force=args.force, protect=opened.reads)
         out_form = "module"
-    facts = {"model": f"{model_path} ({loaded.form})", "data": str(data_path), "output": f"{out_path} ({out_form})"}
-    emit(report, as_json=as_json, title="normsurgeon recalibrate", facts=facts,
-         extra={"output": str(out_path), "output_form": out_form})
+    facts = {"data": str(data_path), "output": f"{out_path} ({out_form})"}
+    opened.emit(report, title="normsurgeon recalibrate", facts=facts,
+                extra={"output": str(out_path), "output_form": out_form})

@@ -9,8 +9,9 @@ from typing import Any
 import click
 import torch
 
-from ..cli_options import emit, handle_errors, input_options, model_options, output_options, weights_option
+from ..cli_options import emit, input_options, model_options, output_options, weights_option
 from ..errors import LoadError, PreconditionError, UsageError
+from .common import ModelArgs, model_command, open_model
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
                      "convtranspose1d, convtranspose2d, convtranspose3d, linear.")
@@ -40,11 +41,8 @@ def weightnorm() -> None:
 @click.option("--mean-only-bn", is_flag=True,
               help="Replace BatchNorms right after weight-normed layers by mean-only BatchNorm (needs example inputs; warns with the measured change).")
 @click.option("--layer-type", "layer_types", multiple=True, metavar="TYPE", help=_LAYER_TYPES_HELP)
-@handle_errors
-def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-          weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
-          as_json: bool, verbose: bool, init_data: Path | None, mean_only_bn: bool,
-          layer_types: tuple[str, ...]) -> None:
+@model_command
+def apply(args: ModelArgs, init_data: Path | None, mean_only_bn: bool, layer_types: tuple[str, ...]) -> None:
     """Weight-norm the conv / conv-transpose / linear layers of MODEL; writes a state_dict.
 
     torch cannot pickle a weight-normed module, so the output (MODEL.weightnorm.pt) is a
@@ -60,29 +58,23 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
       normsurgeon weightnorm apply model.pt --layer-type conv2d --layer-type linear
     """
     from ..io.pretrained_output import DoesNotRoundTrip, wants_directory
-    from ..io.saving import check_output_path, default_output_path, files_read, save_state_dict
-    from ..passes.weight_norm import (
-        SUPPORTED_LAYER_TYPES,
-        apply_weight_norm,
-        resolve_layer_types,
-    )
+    from ..io.saving import save_state_dict
+    from ..passes.weight_norm import SUPPORTED_LAYER_TYPES, apply_weight_norm, resolve_layer_types
 
     types = resolve_layer_types(layer_types or SUPPORTED_LAYER_TYPES)
-    model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, weights,
-                                                   input_shapes, inputs_file)
-    reads = files_read(model_path, weights, inputs_file, init_data)  # never overwritten by -o
-    if output is not None and wants_directory(output, form):
-        raise DoesNotRoundTrip(output, _not_reloadable(model))
-    out_path = check_output_path(output or default_output_path(model_path, "weightnorm"), force=force, protect=reads)
-    report = apply_weight_norm(model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
-                               example_inputs=inputs.args if inputs else None, trust_pickle=trust_pickle)
-    report.notes[:0] = notes + ([inputs.description] if inputs else [])
-    if form == "pretrained_dir":
-        report.notes.append(f"wrote a state_dict file, not a save_pretrained directory: {_not_reloadable(model)}")
-    save_state_dict(report.model.state_dict(), out_path, force=force, protect=reads)
-    facts = {"model": f"{model_path} ({form})", "output": f"{out_path} (state_dict)"}
-    emit(report, as_json=as_json, title="normsurgeon weightnorm apply", facts=facts,
-         extra={"output": str(out_path), "output_form": "state_dict"})
+    opened = open_model(args, "weightnorm apply", reads=(init_data,))
+    inputs = opened.example_inputs(optional=True)
+    if args.output is not None and wants_directory(args.output, opened.loaded.form):
+        raise DoesNotRoundTrip(args.output, _not_reloadable(opened.model))
+    out_path = opened.output_file("weightnorm")
+    report = apply_weight_norm(opened.model, init_data=init_data, mean_only_bn=mean_only_bn, layer_types=types,
+                               example_inputs=inputs, trust_pickle=args.trust_pickle)
+    if opened.loaded.form == "pretrained_dir":
+        report.notes.append("wrote a state_dict file, not a save_pretrained directory: "
+                            + _not_reloadable(opened.model))
+    save_state_dict(report.model.state_dict(), out_path, force=args.force, protect=opened.reads)
+    opened.emit(report, title="normsurgeon weightnorm apply", facts={"output": f"{out_path} (state_dict)"},
+                extra={"output": str(out_path), "output_form": "state_dict"})
 
 
 @weightnorm.command("remove", short_help="Bake weight norm into plain weights.")
@@ -90,10 +82,8 @@ def apply(model_path: Path, factory: str | None, import_paths: tuple[Path, ...],
 @weights_option
 @input_options
 @output_options(default="MODEL.plain.pt beside MODEL; a save_pretrained folder gives FOLDER.plain/ where it reloads the same")
-@handle_errors
-def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-           weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, output: Path | None, force: bool,
-           as_json: bool, verbose: bool) -> None:
+@model_command
+def remove(args: ModelArgs) -> None:
     """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
 
     A bare state_dict (no --factory) is rewritten into plain '<layer>.weight' keys that load
@@ -110,33 +100,39 @@ def remove(model_path: Path, factory: str | None, import_paths: tuple[Path, ...]
       normsurgeon weightnorm remove ckpt.pt --factory mymodels:build_generator
       normsurgeon weightnorm remove wav2vec2-folder/
     """
-    from ..io.pretrained_output import output_target, write_model
+    from ..passes.weight_norm import remove_weight_norm
+
+    state_dict = None if args.factory or args.weights else _bare_state_dict(args.model_path)
+    if state_dict is not None:
+        _remove_from_state_dict(args, state_dict)
+        return
+    opened = open_model(args, "weightnorm remove")
+    inputs = opened.example_inputs(optional=True, from_config=True)
+    target = opened.output_target("plain")
+    report = remove_weight_norm(opened.model, example_inputs=inputs)
+    _require_changes(report, args.model_path)
+    out_path = opened.write(report, target)
+    out_form = "save_pretrained" if out_path.is_dir() else "module"
+    opened.emit(report, title="normsurgeon weightnorm remove", facts={"output": f"{out_path} ({out_form})"},
+                extra={"output": str(out_path), "output_form": out_form})
+
+
+def _remove_from_state_dict(args: ModelArgs, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A bare state_dict (no model to run): weight-norm keys rewritten into plain '<layer>.weight' keys."""
     from ..io.saving import check_output_path, default_output_path, files_read, save_state_dict
     from ..passes.weight_norm import remove_weight_norm
 
-    out_path = output or default_output_path(model_path, "plain")
-    reads = files_read(model_path, weights, inputs_file)  # never overwritten by -o
-    state_dict = None if factory or weights else _bare_state_dict(model_path)
-    if state_dict is not None:
-        if input_shapes or inputs_file:
-            raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
-        report = remove_weight_norm(state_dict)
-        _require_changes(report, model_path)
-        check_output_path(out_path, force=force, protect=reads)
-        save_state_dict(report.model, out_path, force=force, protect=reads)
-        form, out_form = "state_dict", "state_dict"
-    else:
-        model, form, notes, inputs = _load_with_inputs(model_path, factory, import_paths, trust_pickle, weights,
-                                                       input_shapes, inputs_file, infer=True)
-        target = output_target(output, form, default_output_path(model_path, "plain"), force=force, protect=reads)
-        report = remove_weight_norm(model, example_inputs=inputs.args if inputs else None)
-        report.notes[:0] = notes + ([inputs.description] if inputs else [])
-        _require_changes(report, model_path)
-        out_path = write_model(report, inputs.args if inputs else (), target, force=force, protect=reads)
-        out_form = "save_pretrained" if out_path.is_dir() else "module"
-    facts = {"model": f"{model_path} ({form})", "output": f"{out_path} ({out_form})"}
-    emit(report, as_json=as_json, title="normsurgeon weightnorm remove", facts=facts,
-         extra={"output": str(out_path), "output_form": out_form})
+    if args.gives_inputs:
+        raise UsageError("example inputs need a model: pass --factory to check outputs, or drop --input-shape/--inputs")
+    report = remove_weight_norm(state_dict)
+    _require_changes(report, args.model_path)
+    out_path = args.output or default_output_path(args.model_path, "plain")
+    reads = files_read(args.model_path, args.weights, args.inputs_file)
+    check_output_path(out_path, force=args.force, protect=reads)
+    save_state_dict(report.model, out_path, force=args.force, protect=reads)
+    facts = {"model": f"{args.model_path} (state_dict)", "output": f"{out_path} (state_dict)"}
+    emit(report, as_json=args.as_json, title="normsurgeon weightnorm remove", facts=facts,
+         extra={"output": str(out_path), "output_form": "state_dict"})
 
 
 def _not_reloadable(model: Any) -> str:
@@ -162,27 +158,6 @@ def _bare_state_dict(path: Path) -> Mapping[str, torch.Tensor] | None:
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in candidate.items()):
             return candidate
     return None
-
-
-def _load_with_inputs(path: Path, factory: str | None, import_paths: tuple[Path, ...], trust_pickle: bool,
-                      weights: Path | None, input_shapes: tuple[str, ...], inputs_file: Path | None, *,
-                      infer: bool = False) -> tuple[Any, str, list[str], Any]:
-    """The model, its form, load notes and example inputs: given ones, else (``infer``) the config's of a
-    save_pretrained or timm model, else None."""
-    from ..io.inputs import resolve_inputs
-    from ..io.loading import load_model
-
-    loaded = load_model(path, factory=factory, trust_pickle=trust_pickle, import_paths=import_paths, weights=weights)
-    _refuse_exported(loaded.form, path)
-    inputs = None
-    if input_shapes or inputs_file or (infer and loaded.form in ("pretrained_dir", "timm")):
-        inputs = resolve_inputs(loaded.model, input_shapes=input_shapes, inputs_file=inputs_file, trust_pickle=trust_pickle)
-    return loaded.model, loaded.form, list(loaded.notes), inputs
-
-
-def _refuse_exported(form: str, path: Path) -> None:
-    if form == "exported_program":
-        raise UsageError(f"{path}: a .pt2 ExportedProgram has no layers to edit; pass the nn.Module or its state_dict")
 
 
 def _require_changes(report: Any, path: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..inputs import ExampleInputs
 from ..walk import check_nesting
 
 _DTYPES = {
@@ -35,14 +36,6 @@ class InputSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
-
-
-@dataclass
-class ExampleInputs:
-    """Positional (tuple) or keyword (dict) arguments, and how they were obtained."""
-
-    args: tuple | dict
-    description: str
 
 
 def parse_input_shape(spec: str) -> InputSpec:
@@ -84,20 +77,8 @@ def _smallest_vocabulary(model: nn.Module) -> int:
 
 
 def to_model_dtype_and_device(inputs: tuple | dict, model: nn.Module) -> tuple | dict:
-    """Move float inputs to the model's device and floating dtype (a fp16 model gets fp16 inputs)."""
-    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if reference is None:
-        return inputs
-
-    def convert(t):
-        if isinstance(t, torch.Tensor):
-            t = t.to(reference.device)
-            return t.to(reference.dtype) if t.is_floating_point() else t
-        return t
-
-    if isinstance(inputs, dict):
-        return {k: convert(v) for k, v in inputs.items()}
-    return tuple(convert(t) for t in inputs)
+    """A tuple or dict of inputs on the model's device, floats in its floating dtype (for data batches)."""
+    return ExampleInputs.of(inputs).like(model).plain()
 
 
 def infer_inputs(model: nn.Module) -> ExampleInputs:
@@ -119,11 +100,8 @@ def infer_inputs(model: nn.Module) -> ExampleInputs:
         )
     spec = InputSpec(shape)
     text = ",".join(map(str, shape))
-    return ExampleInputs(
-        to_model_dtype_and_device(make_inputs([spec]), model),
-        f"assumed one random input of shape {text} from the first layer {type(first).__name__}; "
-        "pass --input-shape to choose",
-    )
+    return ExampleInputs.of(make_inputs([spec]), f"assumed one random input of shape {text} from the first layer "
+                            f"{type(first).__name__}; pass --input-shape to choose").like(model)
 
 
 def resolve_inputs(
@@ -145,15 +123,13 @@ def resolve_inputs(
         check_nesting(loaded, str(inputs_file))
         if isinstance(loaded, torch.Tensor):
             loaded = (loaded,)
-        elif isinstance(loaded, list):
-            loaded = tuple(loaded)
-        if not isinstance(loaded, (tuple, dict)):
+        if not isinstance(loaded, (tuple, list, dict)):
             raise UsageError(f"{inputs_file}: expected a tensor, a tuple/list or a dict of tensors, got {type(loaded).__name__}")
-        return ExampleInputs(to_model_dtype_and_device(loaded, model), f"inputs from {inputs_file}")
+        return ExampleInputs.of(loaded, f"inputs from {inputs_file}").like(model)
     if input_shapes:
         specs = [parse_input_shape(s) for s in input_shapes]
         described = "; ".join(",".join(map(str, s.shape)) + f":{str(s.dtype).removeprefix('torch.')}" for s in specs)
-        return ExampleInputs(to_model_dtype_and_device(make_inputs(specs, model, seed=seed), model), f"random inputs {described}")
+        return ExampleInputs.of(make_inputs(specs, model, seed=seed), f"random inputs {described}").like(model)
     return infer_inputs(model)
 
 
@@ -172,14 +148,13 @@ def inputs_from_config(model: nn.Module) -> ExampleInputs | None:
         built = _transformers_inputs(model, config, main)
         if built is not None:
             args, what = built
-            return ExampleInputs(to_model_dtype_and_device(args, model), f"inferred from the model's config: {what}; "
-                                 "pass --input-shape or --inputs to choose")
+            return ExampleInputs.of(args, f"inferred from the model's config: {what}; pass --input-shape or --inputs "
+                                    "to choose").like(model)
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
     if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(d, int) and d > 0 for d in size):
         shape = (1, *size)
-        return ExampleInputs(to_model_dtype_and_device(make_inputs([InputSpec(shape)]), model),
-                             f"inferred from timm's pretrained_cfg: one image of shape {','.join(map(str, shape))}; "
-                             "pass --input-shape to choose")
+        return ExampleInputs.of(make_inputs([InputSpec(shape)]), f"inferred from timm's pretrained_cfg: one image of "
+                                f"shape {','.join(map(str, shape))}; pass --input-shape to choose").like(model)
     return None
 
 

@@ -50,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ExportError, LoadError
+from ..inputs import ExampleInputs, InputsLike
 from ..io.saving import named_temp, write_atomically
 from ..passes.fold_batchnorm import fold_batchnorm
 from ..passes.weight_norm import remove_weight_norm
@@ -85,16 +86,16 @@ class PreExportPass:
     """A model pass run on the copy before export; its report is merged into the export report."""
 
     name: str
-    run: Callable[[nn.Module, tuple | dict, float | None, float | None], Report]
+    run: Callable[[nn.Module, ExampleInputs, float | None, float | None], Report]
 
 
-def _remove_weight_norm(model: nn.Module, inputs: tuple | dict, atol: float | None, rtol: float | None) -> Report:
+def _remove_weight_norm(model: nn.Module, inputs: ExampleInputs, atol: float | None, rtol: float | None) -> Report:
     if not any(weight_norm_sites(module) for module in model.modules()):
         return Report("weightnorm remove")  # nothing to bake: spare the check's two forward passes
     return remove_weight_norm(model, example_inputs=inputs, atol=atol, rtol=rtol)
 
 
-def _fold(model: nn.Module, inputs: tuple | dict, atol: float | None, rtol: float | None) -> Report:
+def _fold(model: nn.Module, inputs: ExampleInputs, atol: float | None, rtol: float | None) -> Report:
     return fold_batchnorm(model, inputs, atol=atol, rtol=rtol)
 
 
@@ -112,7 +113,7 @@ def pre_export_passes(*, fold: bool) -> list[PreExportPass]:
 
 def export_onnx(
     model: nn.Module,
-    example_inputs: tuple | dict,
+    example_inputs: InputsLike,
     path: str | Path,
     *,
     fold: bool = True,
@@ -128,7 +129,8 @@ def export_onnx(
 ) -> Report:
     """Export ``model`` to ``path`` as ONNX and verify it in onnxruntime; ``model`` is not changed.
 
-    ``example_inputs`` is a tuple of positional or a dict of keyword arguments. With ``fold``,
+    ``example_inputs`` is a tuple of positional or a dict of keyword arguments (or
+    :class:`~normsurgeon.inputs.ExampleInputs` of one kind). With ``fold``,
     BatchNorms are folded first (its check is labelled "folded vs original"). ``opset`` defaults
     to :data:`DEFAULT_OPSET`. ``dynamic`` makes input dims symbolic: True for the defaults per
     modality, ``{input: {dim: symbol}}`` for those axes, or a :class:`~normsurgeon.onnx.dynamic_axes.Dynamic`;
@@ -139,28 +141,29 @@ def export_onnx(
     path = Path(path)
     opset = DEFAULT_OPSET if opset is None else opset
     resolve_providers(providers)  # an unavailable provider fails before the slow work
-    example_inputs = signature_order(model, example_inputs)
-    axes = resolve_axes(model, example_inputs, _as_dynamic(dynamic, dynamic_batch))
+    plain = signature_order(model, ExampleInputs.of(example_inputs).plain())  # the tuple or dict dynamic axes read
+    inputs = ExampleInputs.of(plain)
+    axes = resolve_axes(model, plain, _as_dynamic(dynamic, dynamic_batch))
     report = Report("export")
     work = copy_model(model)
     if model.training:
         report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
     work.eval()
     for step in pre_export_passes(fold=fold):
-        _merge(report, step.run(work, example_inputs, atol, rtol))
+        _merge(report, step.run(work, inputs, atol, rtol))
     report.model = work
-    axes = runnable_axes(work, example_inputs, axes, report.notes)
+    axes = runnable_axes(work, plain, axes, report.notes)
 
     def write(tmp: Path) -> None:
-        program, kept = _export(work, example_inputs, opset, axes, verbose, report)
+        program, kept = _export(work, plain, opset, axes, verbose, report)
         tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
         report.facts.update(describe_model(program.model))
         if not fold:
             _note_batchnorms_torch_folded(work, report)
         try:
             verified = verify_onnx(
-                model, tmp, example_inputs, providers=providers, atol=atol, rtol=rtol,
-                extra_inputs=verification_inputs(example_inputs, kept), axes=kept,
+                model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,
+                extra_inputs=verification_inputs(plain, kept), axes=kept,
             )
         except LoadError as exc:
             raise ExportError(
@@ -236,13 +239,13 @@ def _export(
     """``torch.onnx.export`` (dynamo, optimized) and the dynamic axes the graph kept; failures become a
     one-line ExportError. The trace runs on the example widened along size-1 dynamic axes."""
     traced, widened_symbols = widened(inputs, axes)
-    args, kwargs = ((), traced) if isinstance(traced, dict) else (tuple(traced), None)
+    example = ExampleInputs.of(traced)
     dynamic_shapes = export_dynamic_shapes(traced, axes) if axes else None
     start = time.perf_counter()
     try:
         with quiet(verbose), math_attention():
             program = torch.onnx.export(
-                model, args, kwargs=kwargs, dynamo=True, opset_version=opset, optimize=True,
+                model, example.args, kwargs=example.kwargs or None, dynamo=True, opset_version=opset, optimize=True,
                 dynamic_shapes=dynamic_shapes, verbose=verbose, report=False, dump_exported_program=False,
             )
     except Exception as exc:

@@ -8,8 +8,10 @@ from typing import Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 
 from ..errors import LoadError, UsageError, first_line
+from ..io.inputs import InputSpec, make_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -76,47 +78,44 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
-_NUMPY_DTYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_, onnx.TensorProto.UINT8: np.uint8,
+_TORCH_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.UINT8: torch.uint8,
 }
 
 
-def random_feeds(
-    model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]] = (), *, seed: int = 0, int_high: int = 2
-) -> dict[str, np.ndarray]:
+def random_feeds(model: onnx.ModelProto, shapes: Sequence[tuple[int, ...]] = (), *,
+                 seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for a graph's declared inputs; ``shapes`` (in input order) fill symbolic dims.
 
-    A symbolic dimension with no shape given is a UsageError naming the input and ``--input-shape``.
+    Drawn like every command's ``--input-shape`` inputs (:func:`normsurgeon.io.inputs.make_inputs`), in
+    the dtype each input declares. A symbolic dimension with no shape given is a UsageError naming
+    the input and ``--input-shape``.
     """
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if shapes and len(shapes) != len(inputs):
         raise UsageError(f"the model has {len(inputs)} inputs but {len(shapes)} --input-shape were given")
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for index, graph_input in enumerate(inputs):
-        tensor_type = graph_input.type.tensor_type
-        if shapes:
-            shape = tuple(shapes[index])
-        else:
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-            if any(d is None for d in dims):
-                symbolic = [d.dim_param or "?" for d in tensor_type.shape.dim if not d.HasField("dim_value")]
-                example = ",".join(str(d) if d is not None else "1" for d in dims)
-                raise UsageError(
-                    f"input {graph_input.name!r} has symbolic dims ({', '.join(symbolic)}); "
-                    f"pass --input-shape for each input, e.g. --input-shape {example} for this one"
-                )
-            shape = tuple(dims)
-        dtype = _NUMPY_DTYPES.get(tensor_type.elem_type)
-        if dtype is None:
-            raise UsageError(f"input {graph_input.name!r} has an element type normsurgeon cannot generate; use --inputs")
-        if np.issubdtype(dtype, np.floating):
-            feeds[graph_input.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[graph_input.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[graph_input.name] = rng.integers(0, int_high, shape).astype(dtype)
-    return feeds
+    specs = [InputSpec(tuple(shapes[index]) if shapes else _static_shape(graph_input), _dtype(graph_input))
+             for index, graph_input in enumerate(inputs)]
+    return {graph_input.name: tensor.numpy() for graph_input, tensor in zip(inputs, make_inputs(specs, seed=seed))}
+
+
+def _static_shape(graph_input: onnx.ValueInfoProto) -> tuple[int, ...]:
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_input.type.tensor_type.shape.dim]
+    if any(d is None for d in dims):
+        symbolic = [d.dim_param or "?" for d in graph_input.type.tensor_type.shape.dim if not d.HasField("dim_value")]
+        example = ",".join(str(d) if d is not None else "1" for d in dims)
+        raise UsageError(
+            f"input {graph_input.name!r} has symbolic dims ({', '.join(symbolic)}); "
+            f"pass --input-shape for each input, e.g. --input-shape {example} for this one"
+        )
+    return tuple(dims)
+
+
+def _dtype(graph_input: onnx.ValueInfoProto) -> torch.dtype:
+    dtype = _TORCH_DTYPES.get(graph_input.type.tensor_type.elem_type)
+    if dtype is None:
+        raise UsageError(f"input {graph_input.name!r} has an element type normsurgeon cannot generate; use --inputs")
+    return dtype

@@ -23,13 +23,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from ..check import compare_outputs, default_tolerance, flatten_outputs
 from ..errors import ExportError, LoadError, PreconditionError, UsageError
+from ..inputs import ExampleInputs, InputsLike
 from ..report import Check, OutputDiff, Report
 from ..surgery import eval_mode
-from ..trace import call_model
 from . import runtime
 from .dynamic_axes import Axis, axis_sizes
 
@@ -44,12 +43,12 @@ _ORT_DTYPES = {
 def verify_onnx(
     model: nn.Module,
     onnx_path: str | Path,
-    example_inputs: tuple | dict,
+    example_inputs: InputsLike,
     *,
     providers: str = "cpu",
     atol: float | None = None,
     rtol: float | None = None,
-    extra_inputs: Sequence[tuple | dict] = (),
+    extra_inputs: Sequence[InputsLike] = (),
     axes: Sequence[Axis] = (),
 ) -> Report:
     """Run ``model`` (torch) and ``onnx_path`` (onnxruntime) on the same inputs; one check each.
@@ -66,7 +65,7 @@ def verify_onnx(
     chosen, skipped = runtime.resolve_providers(providers)
     report = Report("verify")
     report.notes.extend(skipped)
-    input_sets = [example_inputs, *extra_inputs]
+    input_sets = [ExampleInputs.of(inputs) for inputs in (example_inputs, *extra_inputs)]
     sessions = {provider: runtime.session(path, provider) for provider in chosen}
     feeds = {p: [onnx_feeds(sess, inputs) for inputs in input_sets] for p, sess in sessions.items()}
     references = [_run_torch(model, inputs) for inputs in input_sets[:1]]  # inputs the model rejects: its error first
@@ -81,38 +80,28 @@ def verify_onnx(
             label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs, axes)})"
             report.checks.append(_compare(sess, feed, reference, label, atol, rtol))
     report.facts["providers"] = list(chosen)
-    report.facts["batch_sizes_verified"] = sorted({b for b in map(batch_size, input_sets) if b is not None})
+    report.facts["batch_sizes_verified"] = sorted({b for b in (i.batch_size() for i in input_sets) if b is not None})
     if axes:
-        sizes = [axis_sizes(inputs, axes) for inputs in input_sets]
+        sizes = [axis_sizes(inputs.plain(), axes) for inputs in input_sets]
         report.facts["sizes_verified"] = {symbol: sorted({s[symbol] for s in sizes}) for symbol in sizes[0]}
     return report
 
 
-def tensor_leaves(inputs: tuple | dict) -> list[torch.Tensor]:
-    """The tensors among (possibly nested) example inputs, in the exporter's (pytree) order."""
-    leaves, _ = tree_flatten(inputs)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-
-
-def batch_size(inputs: tuple | dict) -> int | None:
-    """Dim 0 of the first tensor input with at least one dimension (None when there is none)."""
-    return next((t.shape[0] for t in tensor_leaves(inputs) if t.dim() > 0), None)
-
-
-def describe_inputs(inputs: tuple | dict, axes: Sequence[Axis] = ()) -> str:
+def describe_inputs(inputs: ExampleInputs, axes: Sequence[Axis] = ()) -> str:
     """'batch 2' for a check's label; with dynamic axes, each one's size ('batch 3, sequence 7')."""
     if axes:
-        return ", ".join(f"{symbol} {size}" for symbol, size in axis_sizes(inputs, axes).items())
-    batch = batch_size(inputs)
+        return ", ".join(f"{symbol} {size}" for symbol, size in axis_sizes(inputs.plain(), axes).items())
+    batch = inputs.batch_size()
     return f"batch {batch}" if batch is not None else "scalar inputs"
 
 
-def onnx_feeds(sess: ort.InferenceSession, inputs: tuple | dict) -> dict[str, np.ndarray]:
+def onnx_feeds(sess: ort.InferenceSession, inputs: InputsLike) -> dict[str, np.ndarray]:
     """The session's feed dict: the inputs' tensors, in order, as numpy arrays of the right dtype."""
     graph_inputs = sess.get_inputs()
-    tensors = tensor_leaves(inputs)
-    if isinstance(inputs, dict) and all(i.name in inputs for i in graph_inputs):
-        tensors = [inputs[i.name] for i in graph_inputs]  # kwargs: match by name when they all match
+    inputs = ExampleInputs.of(inputs)
+    tensors = inputs.tensors()
+    if not inputs.args and all(i.name in inputs.kwargs for i in graph_inputs):
+        tensors = [inputs.kwargs[i.name] for i in graph_inputs]  # kwargs: match by name when they all match
     if len(tensors) != len(graph_inputs):
         names = ", ".join(i.name for i in graph_inputs) or "none"
         raise UsageError(
@@ -162,11 +151,11 @@ def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
     return array
 
 
-def _run_torch(model: nn.Module, inputs: tuple | dict, *, other_sizes: str | None = None) -> Any:
+def _run_torch(model: nn.Module, inputs: ExampleInputs, *, other_sizes: str | None = None) -> Any:
     """The model's outputs; a failure on the example is the user's inputs' problem, on ``other_sizes`` the model's."""
     try:
         with torch.no_grad(), eval_mode(model):
-            return call_model(model, inputs)
+            return inputs.call(model)
     except Exception as exc:  # the user's model failed on the user's inputs
         first = " ".join(str(exc).split())[:160]
         if other_sizes is not None:

@@ -362,7 +362,7 @@ def test_memory_error_while_working_is_one_line(model_file: Path, sandbox: Sandb
 
     import normsurgeon.commands  # noqa: F401  (the package's `fold` is the command, so patch the module)
 
-    monkeypatch.setattr(sys.modules["normsurgeon.commands.fold"], "fold_batchnorm", exhausted)
+    monkeypatch.setattr(sys.modules["normsurgeon.commands.fold"], "run_fold", exhausted)
     sandbox.snapshot()
 
     line = cli_refused("fold", model_file, "--input-shape", "2,4", exit_code=1)
