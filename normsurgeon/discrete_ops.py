@@ -28,21 +28,22 @@ from torch.overrides import TorchFunctionMode
 
 from .check import compare_outputs, resolve_tolerance, rounding_noise, within_rounding_noise
 from .inputs import ExampleInputs
-from .report import Check, OutputDiff
+from .report import Check
 from .trace import function_name
 
-# Ops whose result depends discretely on float inputs (when they read one); their result is replayed.
+# Ops whose result depends discretely on float inputs (when they read one); their result is replayed. Left
+# out: casts to an integer dtype (models cast positions that way, e.g. T5's relative-position buckets; a
+# detector's cast of its values follows a floor/round or a comparison, which are in) and NaN/inf tests
+# (rounding does not make a finite value infinite; guards such as isinf(x).any() are common).
 _COMPARISONS = frozenset({"gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal",
                           "not_equal", "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__", "isclose",
-                          "isinf", "isnan", "isfinite", "isposinf", "isneginf", "signbit", "any", "all"})
+                          "signbit", "any", "all"})
 _INDEX_OPS = frozenset({"argmax", "argmin", "argsort", "nonzero", "argwhere", "searchsorted", "bucketize",
-                        "unique", "unique_consecutive", "nms", "batched_nms", "floor", "ceil", "round", "trunc",
-                        "long", "int", "short", "byte", "char", "bool"})
-_CASTS = frozenset({"to", "type"})  # data-dependent when they cast to an integer or bool dtype
+                        "unique", "unique_consecutive", "nms", "floor", "ceil", "round", "trunc"})
 # Ops returning (values, indices): name -> (position of dim, its default). Values are re-read at the indices.
 _WITH_INDICES = {"topk": (2, -1), "sort": (1, -1), "kthvalue": (2, -1), "mode": (1, -1), "cummax": (1, None),
                  "cummin": (1, None), "median": (1, None), "max": (1, None), "min": (1, None)}
-_CANDIDATES = _COMPARISONS | _INDEX_OPS | _CASTS | frozenset(_WITH_INDICES)
+_CANDIDATES = _COMPARISONS | _INDEX_OPS | frozenset(_WITH_INDICES)
 _RESULT_BUDGET = 1 << 28  # bytes of recorded results; decisions past it are not replayed
 _INTERNAL = (os.path.join(os.path.dirname(torch.__file__), ""), os.path.join(os.path.dirname(__file__), ""))
 
@@ -61,8 +62,9 @@ class Decisions:
     """What the original model's data-dependent ops decided on the example inputs (falsy: it has none)."""
 
     calls: list[_Decision] = dataclasses.field(default_factory=list)
-    first_inputs: tuple[torch.Tensor, ...] = ()  # the float tensors the first one read
-    first_where: str = ""  # "gt at retinanet.py:534 (postprocess_detections)"
+    first_op: str = ""  # the first one: "gt", "torchvision::nms"
+    first_at: str = ""  # where the model called it: "torchvision/.../retinanet.py:534 (postprocess_detections)"
+    first_inputs: tuple[torch.Tensor, ...] = ()  # the float tensors it read
     truncated: bool = False  # the results outgrew the budget; later decisions are not replayed
     frozen: bool = False  # the reference was taken: recording again would record a changed model
     _bytes: int = dataclasses.field(default=0, repr=False)  # of the recorded results
@@ -84,20 +86,20 @@ class Decisions:
         self.frozen = True
 
     def _start(self) -> None:
-        self.calls, self.first_inputs, self.first_where, self.truncated = [], (), "", False
+        self.calls, self.first_op, self.first_at, self.first_inputs, self.truncated = [], "", "", (), False
         self._bytes = 0
 
     def _decide(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
         result = func(*args, **kwargs)
         if not self.calls:
-            self.first_inputs = tuple(t.detach().clone() for t in _floats(args, kwargs))
-            self.first_where = f"{_display(func)} at {_caller()}"
+            self.first_op, self.first_at = _display(func), _caller()
+            self.first_inputs = tuple(_copied(t) for t in _floats(args, kwargs))
         size = sum(t.numel() * t.element_size() for t in _tensors(result))
         if self.truncated or self._bytes + size > _RESULT_BUDGET:
             self.truncated = True
         else:
             self._bytes += size
-            self.calls.append(_Decision(name, _shapes(args, kwargs), _detached(result)))
+            self.calls.append(_Decision(name, _shapes(args, kwargs), _copied(result)))
         return result
 
     @contextmanager
@@ -122,7 +124,7 @@ class _Replay:
 
     def decide(self, func: Any, name: str, args: tuple, kwargs: dict) -> Any:
         if self.cursor == 0:
-            self.first_inputs = tuple(t.detach().clone() for t in _floats(args, kwargs))
+            self.first_inputs = tuple(_copied(t) for t in _floats(args, kwargs))
         index, self.cursor = self.cursor, self.cursor + 1
         calls = self.decisions.calls
         if self.diverged or index >= len(calls):
@@ -136,7 +138,7 @@ class _Replay:
             return func(*args, **kwargs)
         if name in _WITH_INDICES:
             return _values_at(recorded.result, name, args, kwargs)
-        return _cloned(recorded.result)
+        return _copied(recorded.result)
 
 
 class _Mode(TorchFunctionMode):
@@ -164,11 +166,8 @@ class _Mode(TorchFunctionMode):
 
 def _is_decision(name: str, args: tuple, kwargs: dict) -> bool:
     """Whether this call of a candidate op decides on float values (max(x) does not, max(x, dim) does)."""
-    if not any(True for _ in _floats(args, kwargs)):
+    if next(_floats(args, kwargs), None) is None:
         return False
-    if name in _CASTS:
-        dtypes = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.dtype)]
-        return bool(dtypes) and not (dtypes[0].is_floating_point or dtypes[0].is_complex)
     if name in ("max", "min", "median"):  # a reduction over one dim returns indices; max(a, b) does not
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         return isinstance(dim, int)
@@ -187,8 +186,8 @@ def judge(decisions: Decisions, model: nn.Module, inputs: ExampleInputs, referen
         forced = run()
     observed_reference, observed = (decisions.first_inputs, reference), (replay.first_inputs, forced)
     tolerance = resolve_tolerance(observed_reference, atol, rtol)
-    judged_label = (f"{label}: the inputs of the first data-dependent op ({decisions.first_where}) and the final "
-                    f"outputs with the original's {len(decisions.calls)} data-dependent decisions replayed")
+    judged_label = (f"{label}, before the first data-dependent op ({decisions.first_op} at {decisions.first_at}) and with the "
+                    f"original's {len(decisions.calls)} data-dependent decisions replayed")
     judged = _compare_observed(observed_reference, observed, *tolerance, judged_label, decisions)
     notes = [f"the outputs pass through data-dependent ops ({_names(decisions)}), which a change within rounding "
              "can make decide otherwise: judged on the tensors before the first one and on the outputs with the "
@@ -202,22 +201,22 @@ def judge(decisions: Decisions, model: nn.Module, inputs: ExampleInputs, referen
         if accepted is not None:
             judged = accepted[0]
             notes.append(accepted[1])
-    return [judged, _informational(reference, free, label, decisions)], notes
+    return [judged, _informational(reference, free, label)], notes
 
 
 def _compare_observed(reference: tuple, candidate: tuple, atol: float, rtol: float, label: str,
                       decisions: Decisions) -> Check:
     """The first op's inputs (named after it) and the final outputs, compared as one check."""
-    before = compare_outputs(reference[0], candidate[0], atol=atol, rtol=rtol, prefix=f"{_first_name(decisions)} input")
+    before = compare_outputs(reference[0], candidate[0], atol=atol, rtol=rtol, prefix=f"{decisions.first_op} input")
     after = compare_outputs(reference[1], candidate[1], atol=atol, rtol=rtol)
     return Check(before.outputs + after.outputs, atol=atol, rtol=rtol, label=label)
 
 
-def _informational(reference: Any, free: Any, label: str, decisions: Decisions) -> Check:
+def _informational(reference: Any, free: Any, label: str) -> Check:
     """The final outputs as computed, measured but not judged (a count of boxes may differ)."""
     check = compare_outputs(reference, free, atol=float("inf"), rtol=0.0,
-                            label=f"{label}, final outputs as computed (informational: {_names(decisions)} "
-                                  "may decide otherwise on values within rounding)")
+                            label=f"{label}, final outputs as computed (data-dependent ops may decide otherwise "
+                                  "within rounding)")
     outputs = tuple(dataclasses.replace(o, passed=True, max_abs_diff=float("inf") if o.detail else o.max_abs_diff)
                     for o in check.outputs)
     return dataclasses.replace(check, outputs=outputs, informational=True)
@@ -264,26 +263,16 @@ def _shapes(args: tuple, kwargs: dict) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(t.shape) for t in _floats(args, kwargs))
 
 
-def _detached(result: Any) -> Any:
+def _copied(result: Any) -> Any:
+    """A copy of an op's result (tensors, or a tuple of them) that a model writing into its own cannot change."""
     if isinstance(result, tuple):
-        return type(result)(tuple(_detached(r) for r in result))
+        return type(result)(tuple(_copied(r) for r in result))
     return result.detach().clone() if isinstance(result, torch.Tensor) else result
-
-
-def _cloned(result: Any) -> Any:
-    """A copy the model may write into without changing the record (it is replayed again in float64)."""
-    if isinstance(result, tuple):
-        return type(result)(tuple(_cloned(r) for r in result))
-    return result.clone() if isinstance(result, torch.Tensor) else result
 
 
 def _display(func: Any) -> str:
     """``torchvision::nms`` for a registered op, else the torch function's name."""
     return getattr(func, "_qualified_op_name", None) or function_name(func)
-
-
-def _first_name(decisions: Decisions) -> str:
-    return decisions.first_where.split(" at ")[0]
 
 
 def _names(decisions: Decisions) -> str:
