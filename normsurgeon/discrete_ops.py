@@ -222,13 +222,14 @@ def _informational(reference: Any, free: Any, label: str) -> Check:
     return dataclasses.replace(check, outputs=outputs, informational=True)
 
 
-class _Observer:
+class _Observer(nn.Module):
     """The model as :func:`rounding_noise` runs it: decisions replayed, returning what the judged check compares."""
 
     def __init__(self, model: nn.Module, decisions: Decisions) -> None:
+        super().__init__()
         self.model, self.decisions = model, decisions
 
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple:
+    def forward(self, *args: Any, **kwargs: Any) -> tuple:
         with self.decisions.replay(self.model) as replay:
             outputs = self.model(*args, **kwargs)
         return replay.first_inputs, outputs
