@@ -1,7 +1,8 @@
 """Export a model to ONNX (fold first), save it atomically, and prove it in onnxruntime.
 
-Pipeline: deep copy → pre-export passes (weight-norm removal, BatchNorm folding; the list is
-:func:`pre_export_passes`) → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a
+Pipeline: deep copy → pre-export passes run as one pipeline (weight norm and weight
+standardization baked, summed conv+BN branches merged, BatchNorm folded; the list is
+:func:`~normsurgeon.passes.registry.pre_export_passes`) → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a
 temp file → :func:`~normsurgeon.onnx.verify.verify_onnx` of that file against the caller's
 *original* (unfolded) model → rename over the target. A failed export, save or onnxruntime
 load leaves no output behind; a numerical mismatch keeps the file and fails the report.
@@ -52,10 +53,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import ExportError, LoadError
 from ..inputs import ExampleInputs, InputsLike
 from ..io.saving import named_temp, write_atomically
-from ..passes.fold_batchnorm import fold_batchnorm
-from ..passes.weight_norm import remove_weight_norm
+from ..passes.registry import pre_export_passes
+from ..pipeline import run
 from ..report import Report
-from ..surgery import copy_model, weight_norm_sites
+from ..surgery import copy_model
 from .dynamic_axes import (
     Axis,
     Dynamic,
@@ -79,36 +80,6 @@ NORM_OPS = (
 )
 # Weights above this go to "<file>.data" beside the .onnx: protobuf cannot hold 2 GiB.
 INLINE_WEIGHTS_LIMIT = 2**31 - 2**27
-
-
-@dataclass(frozen=True)
-class PreExportPass:
-    """A model pass run on the copy before export; its report is merged into the export report."""
-
-    name: str
-    run: Callable[[nn.Module, ExampleInputs, float | None, float | None], Report]
-
-
-def _remove_weight_norm(model: nn.Module, inputs: ExampleInputs, atol: float | None, rtol: float | None) -> Report:
-    if not any(weight_norm_sites(module) for module in model.modules()):
-        return Report("weightnorm remove")  # nothing to bake: spare the check's two forward passes
-    return remove_weight_norm(model, example_inputs=inputs, atol=atol, rtol=rtol)
-
-
-def _fold(model: nn.Module, inputs: ExampleInputs, atol: float | None, rtol: float | None) -> Report:
-    return fold_batchnorm(model, inputs, atol=atol, rtol=rtol)
-
-
-def pre_export_passes(*, fold: bool) -> list[PreExportPass]:
-    """The passes :func:`export_onnx` runs before exporting, in order.
-
-    Weight norm is always baked into plain weights (the file then ships w, not g·v/‖v‖ computed
-    at run time); BatchNorm folding runs unless ``fold`` is False.
-    """
-    passes = [PreExportPass("remove_weight_norm", _remove_weight_norm)]
-    if fold:
-        passes.append(PreExportPass("fold_batchnorm", _fold))
-    return passes
 
 
 def export_onnx(
@@ -149,8 +120,7 @@ def export_onnx(
     if model.training:
         report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
     work.eval()
-    for step in pre_export_passes(fold=fold):
-        _merge(report, step.run(work, inputs, atol, rtol))
+    _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
     report.model = work
     axes = runnable_axes(work, plain, axes, report.notes)
 
@@ -511,6 +481,6 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
 
 
 __all__ = [
-    "DEFAULT_OPSET", "PreExportPass", "describe_export_failure", "describe_model", "export_onnx",
+    "DEFAULT_OPSET", "describe_export_failure", "describe_model", "export_onnx",
     "expand_rotary_caches", "math_attention", "op_histogram", "pre_export_passes",
 ]

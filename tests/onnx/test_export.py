@@ -181,8 +181,9 @@ def test_without_fold_the_batchnorm_ships(tmp_path):
     assert report.passed
     assert [c.label for c in report.checks] == [ORT_CPU]
     assert report.facts["op_histogram"]["BatchNormalization"] == 1
-    assert [p.name for p in pre_export_passes(fold=False)] == ["remove_weight_norm"]
-    assert [p.name for p in pre_export_passes(fold=True)] == ["remove_weight_norm", "fold_batchnorm"]
+    assert [p.name for p in pre_export_passes(fold=False).passes] == ["remove_weight_norm", "bake_weight_standardization"]
+    assert [p.name for p in pre_export_passes(fold=True).passes] == [
+        "remove_weight_norm", "bake_weight_standardization", "reparameterize", "fold_batchnorm"]
     assert not any("torch.onnx.export's optimizer fused" in note for note in report.notes)
 
 
