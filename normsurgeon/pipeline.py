@@ -254,6 +254,8 @@ def refuse_offloaded(model: nn.Module) -> None:
 
 def _offloaded_by(module: nn.Module) -> str | None:
     """What offloads ``module``'s own tensors: an accelerate hook that offloads, or an offload cache; None."""
+    if isinstance(module, torch.jit.ScriptModule):  # its own parameter wrapper; refused later as a wrapper
+        return None
     if not isinstance(module._parameters, dict):  # compressed-tensors: an OffloadCache onloads per access
         return f"{type(module._parameters).__name__}, compressed-tensors offload"
     hook = getattr(module, "_hf_hook", None)
