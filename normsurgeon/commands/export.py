@@ -33,18 +33,20 @@ _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "c
 @click.option("--opset", type=int, default=None,
               help="ONNX opset (default 23: the highest where onnxruntime runs the export and "
                    "LayerNorm, GroupNorm and RMSNorm are native ops).")
-@click.option("--dynamic", "dynamic", multiple=True, is_flag=False, flag_value="", metavar="[NAME:AXIS=SYMBOL,...]",
-              help="Symbolic input dims. Alone: batch and sequence for token inputs (decoder_* their own sequence), "
-                   "batch, height and width for pixel_values, batch and time for audio, batch for the rest; "
-                   "an axis the model fixes stays static, with a note. NAME:AXIS=SYMBOL[,AXIS=SYMBOL] "
-                   "(repeatable): exactly these axes of that input. Verified at two sizes along each axis.")
+@click.option("--dynamic", is_flag=True,
+              help="Symbolic input dims per modality: batch and sequence for token inputs (decoder_* their own "
+                   "sequence), batch, height and width for pixel_values, batch and time for audio, batch for the "
+                   "rest; an axis the model fixes stays static, with a note. Verified at two sizes along each axis.")
+@click.option("--dynamic-axis", "dynamic_axes", multiple=True, metavar="NAME:AXIS=SYMBOL[,AXIS=SYMBOL]",
+              help="Exactly these symbolic axes of input NAME (repeatable); an axis the model fixes is an error. "
+                   "Alone: only the named inputs are dynamic; with --dynamic: they replace that input's defaults.")
 @click.option("--dynamic-batch", is_flag=True,
               help="Make dim 0 of every input symbolic; the file is then verified at two batch sizes.")
 @_PROVIDER
 @tolerance_options
 @model_command
-def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: tuple[str, ...], dynamic_batch: bool,
-           providers: str, atol: float | None, rtol: float | None) -> None:
+def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dynamic_axes: tuple[str, ...],
+           dynamic_batch: bool, providers: str, atol: float | None, rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -54,12 +56,13 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: tuple[str
     \b
     Examples:
       normsurgeon export models/examples/resnet18.pt -o resnet18.onnx --input-shape 1,3,32,32
-      normsurgeon export llama-dir/ --dynamic    # batch and sequence symbolic
+      normsurgeon export --dynamic llama-dir/    # batch and sequence symbolic
+      normsurgeon export vit-dir/ --dynamic-axis pixel_values:0=batch
     """
     from ..onnx.dynamic_axes import parse_dynamic
     from ..onnx.export import export_onnx
 
-    axes = parse_dynamic(dynamic)  # a bad spec fails before the model loads
+    axes = parse_dynamic(dynamic_axes, defaults=dynamic)  # a bad spec fails before the model loads
     opened = open_model(args, None)
     out_path = opened.output_file(onnx_path_for(args.model_path))
     report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,

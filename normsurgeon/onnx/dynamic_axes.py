@@ -67,14 +67,13 @@ class Dynamic:
         return self.defaults or bool(self.named) or self.batch
 
 
-def parse_dynamic(values: Iterable[str]) -> Dynamic:
-    """``--dynamic`` values: ``""`` (the option alone) for the defaults, ``NAME:AXIS=SYMBOL[,AXIS=SYMBOL]`` by name."""
+def parse_dynamic(specs: Iterable[str], *, defaults: bool = False) -> Dynamic:
+    """``--dynamic-axis`` values, ``NAME:AXIS=SYMBOL[,AXIS=SYMBOL]`` each; ``defaults``: ``--dynamic`` was given.
+
+    A named input gets exactly its listed axes, in place of its defaults.
+    """
     named: dict[str, dict[int, str]] = {}
-    defaults = False
-    for value in values:
-        if not value:
-            defaults = True
-            continue
+    for value in specs:
         name, _, axes_text = value.partition(":")
         name, items = name.strip(), [item.partition("=") for item in axes_text.split(",")]
         try:
@@ -83,8 +82,8 @@ def parse_dynamic(values: Iterable[str]) -> Dynamic:
             axes = {}
         if not name or len(axes) != len(items) or not all(s.isidentifier() for s in axes.values()) or name in named:
             raise UsageError(
-                f"bad --dynamic {value!r}: expected NAME:AXIS=SYMBOL[,AXIS=SYMBOL] once per input, e.g. "
-                "--dynamic pixel_values:0=batch,2=height,3=width (or --dynamic alone for the defaults)"
+                f"bad --dynamic-axis {value!r}: expected NAME:AXIS=SYMBOL[,AXIS=SYMBOL] once per input, e.g. "
+                "--dynamic-axis pixel_values:0=batch,2=height,3=width (or --dynamic for the defaults)"
             )
         named[name] = axes
     return Dynamic(defaults=defaults, named=named)
@@ -115,7 +114,8 @@ def input_names(model: nn.Module, inputs: tuple | dict) -> list[str]:
 def resolve_axes(model: nn.Module, inputs: tuple | dict, dynamic: Dynamic) -> tuple[Axis, ...]:
     """The axes ``dynamic`` asks for on these inputs; a UsageError for a name, dim or symbol that does not fit."""
     if dynamic.batch and (dynamic.defaults or dynamic.named):
-        raise UsageError("give --dynamic or --dynamic-batch, not both (the --dynamic defaults include the batch)")
+        raise UsageError("give --dynamic/--dynamic-axis or --dynamic-batch, not both "
+                         "(the --dynamic defaults include the batch)")
     leaves = tree_flatten(inputs)[0]
     names = input_names(model, inputs)
     tensors = {name: (i, leaf) for i, (name, leaf) in enumerate(zip(names, leaves)) if isinstance(leaf, torch.Tensor)}
@@ -316,11 +316,11 @@ def _check_named(named: Mapping[str, Mapping[int, str]], tensors: Mapping[str, t
     listed = ", ".join(tensors) or "none"
     for name, dims in named.items():
         if name not in tensors:
-            raise UsageError(f"--dynamic {name}: the model has no tensor input {name!r}; "
+            raise UsageError(f"--dynamic-axis {name}: the model has no tensor input {name!r}; "
                              f"its tensor inputs are {listed}")
         rank = tensors[name][1].dim()
         if bad := [d for d in dims if not 0 <= d < rank]:
-            raise UsageError(f"--dynamic {name}:{bad[0]}=...: input {name!r} has {rank} dims (0 to {rank - 1})")
+            raise UsageError(f"--dynamic-axis {name}:{bad[0]}=...: input {name!r} has {rank} dims (0 to {rank - 1})")
 
 
 def _own_symbols_where_sizes_differ(axes: list[Axis], leaves: list[Any]) -> list[Axis]:

@@ -64,17 +64,17 @@ class Any_(nn.Module):
 
 
 def test_dynamic_alone_means_the_defaults_and_by_name_lists_exactly_those_axes():
-    assert parse_dynamic([""]) == Dynamic(defaults=True)
+    assert parse_dynamic([], defaults=True) == Dynamic(defaults=True)
     assert parse_dynamic(["pixel_values:0=batch,2=height", "mask:1=sequence"]) == Dynamic(
         named={"pixel_values": {0: "batch", 2: "height"}, "mask": {1: "sequence"}})
-    assert parse_dynamic(["", "x:3=width"]) == Dynamic(defaults=True, named={"x": {3: "width"}})
+    assert parse_dynamic(["x:3=width"], defaults=True) == Dynamic(defaults=True, named={"x": {3: "width"}})
     assert not parse_dynamic([])
 
 
-@pytest.mark.parametrize("value", ["x", "x:", "x:1", "x:a=batch", "x:1=not-a-name", ":0=batch", "x:1=a,1=b",
+@pytest.mark.parametrize("value", ["", "x", "x:", "x:1", "x:a=batch", "x:1=not-a-name", ":0=batch", "x:1=a,1=b",
                                    "models/llama"])
 def test_a_bad_dynamic_spec_says_the_form(value):
-    with pytest.raises(UsageError, match=rf"bad --dynamic {value!r}: expected NAME:AXIS=SYMBOL\[,AXIS=SYMBOL\]"):
+    with pytest.raises(UsageError, match=rf"bad --dynamic-axis {value!r}: expected NAME:AXIS=SYMBOL\[,AXIS=SYMBOL\]"):
         parse_dynamic([value])
 
 
@@ -111,13 +111,14 @@ def test_axes_by_name_replace_that_inputs_defaults_and_are_required():
 
 @pytest.mark.parametrize("dynamic, message", [
     (Dynamic(named={"ids": {0: "batch"}}),
-     "--dynamic ids: the model has no tensor input 'ids'; its tensor inputs are input_ids, decoder_input_ids"),
-    (Dynamic(named={"input_ids": {2: "x"}}), "--dynamic input_ids:2=...: input 'input_ids' has 2 dims (0 to 1)"),
+     "--dynamic-axis ids: the model has no tensor input 'ids'; its tensor inputs are input_ids, decoder_input_ids"),
+    (Dynamic(named={"input_ids": {2: "x"}}),
+     "--dynamic-axis input_ids:2=...: input 'input_ids' has 2 dims (0 to 1)"),
     (Dynamic(named={"input_ids": {1: "seq"}, "decoder_input_ids": {1: "seq"}}),
      "dynamic axis 'seq' is input_ids dim 1 (16) and decoder_input_ids dim 1 (8): axes sharing a symbol must have "
      "one size; give them different symbols"),
     (Dynamic(defaults=True, batch=True),
-     "give --dynamic or --dynamic-batch, not both (the --dynamic defaults include the batch)"),
+     "give --dynamic/--dynamic-axis or --dynamic-batch, not both (the --dynamic defaults include the batch)"),
 ])
 def test_axes_that_do_not_fit_the_inputs_are_usage_errors(dynamic, message):
     inputs = {"input_ids": torch.zeros(1, 16, dtype=torch.long),
@@ -370,7 +371,7 @@ def test_dynamic_by_name_on_a_directory(pretrained, cli, tmp_path):
     folder, _ = pretrained("resnet")
     path = tmp_path / "resnet.onnx"
 
-    result = cli("export", folder, "--dynamic", "pixel_values:0=batch,2=height", "-o", path, "--json")
+    result = cli("export", folder, "--dynamic-axis", "pixel_values:0=batch,2=height", "-o", path, "--json")
 
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)["facts"]
@@ -380,10 +381,10 @@ def test_dynamic_by_name_on_a_directory(pretrained, cli, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dynamic", "pixel:0=batch"], "error: --dynamic pixel: the model has no tensor input 'pixel'; its tensor "
-                                     "inputs are pixel_values"),
-    (["--dynamic", "--dynamic-batch"], "error: give --dynamic or --dynamic-batch, not both"),
-    (["--dynamic", "pixel_values"], "error: bad --dynamic 'pixel_values': expected NAME:AXIS=SYMBOL"),
+    (["--dynamic-axis", "pixel:0=batch"], "error: --dynamic-axis pixel: the model has no tensor input 'pixel'; its "
+                                          "tensor inputs are pixel_values"),
+    (["--dynamic", "--dynamic-batch"], "error: give --dynamic/--dynamic-axis or --dynamic-batch, not both"),
+    (["--dynamic-axis", "pixel_values"], "error: bad --dynamic-axis 'pixel_values': expected NAME:AXIS=SYMBOL"),
 ])
 def test_cli_dynamic_that_does_not_fit_exits_2_before_exporting(args, message, pretrained, cli, tmp_path):
     folder, _ = pretrained("resnet")
