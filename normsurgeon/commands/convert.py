@@ -25,10 +25,13 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
 @click.option("--only", metavar="PATTERN", help="Convert only norms whose path matches this glob, e.g. 'blocks.*.ln1' (comma-separated for several).")
 @click.option("--approximate", is_flag=True,
               help="Allow conversions that change the outputs (e.g. BatchNorm -> GroupNorm for fine-tuning); the report gives the difference.")
+@click.option("--untie", is_flag=True,
+              help="LayerNorm -> RMSNorm: give a layer that writes to the residual stream its own copy of a tied "
+                   "weight (input embedding tied to the LM head).")
 @eval_option("Put a model saved in training mode into eval mode first.")
 @tolerance_options
 @model_command
-def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, approximate: bool,
+def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, approximate: bool, untie: bool,
             atol: float | None, rtol: float | None) -> None:
     """Convert norm layers to another kind and write the checked model (MODEL.converted.pt).
 
@@ -41,6 +44,7 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
     Examples:
       normsurgeon convert llama.pt --to native --input-shape 1,16:int64
       normsurgeon convert gpt.pt --to rmsnorm --input-shape 1,16:int64
+      normsurgeon convert gpt2-lm.pt --to rmsnorm --untie --input-shape 1,16:int64
       normsurgeon convert resnet.pt --to groupnorm --approximate
     """
     from ..passes.convert import convert_norms, parse_target
@@ -50,7 +54,7 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
     opened = open_model(args, "convert", eval_mode=EVAL)
     destination = opened.output_target("converted")
     report = convert_norms(opened.model, opened.example_inputs(), to=target if target is not None else "native",
-                           from_=source, only=only, approximate=approximate, atol=atol, rtol=rtol)
+                           from_=source, only=only, approximate=approximate, untie=untie, atol=atol, rtol=rtol)
     if not report.changes:
         if report.skipped or report.left_out:
             raise PreconditionError(nothing_converted(report))

@@ -127,3 +127,32 @@ def test_cli_subprocess_success(tmp_path):
     done = run_cli("convert", _saved(tmp_path, "llama"), "--to", "native", "--input-shape", "1,16:int64", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["check"]["passed"] and (tmp_path / "llama.converted.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def tied_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 LM (hidden 32, 2 layers, lm_head tied to the input embedding) saved with torch.save."""
+    from tests.hf_models import causal_lm
+
+    path = tmp_path_factory.mktemp("gpt2") / "gpt2.pt"
+    torch.save(causal_lm("gpt2", tie=True), path)
+    return path
+
+
+@registered
+def test_untie_lets_a_tied_gpt2_convert_every_layernorm(tied_gpt2, cli, tmp_path):
+    source = tmp_path / "gpt2.pt"
+    source.write_bytes(tied_gpt2.read_bytes())
+
+    refused = cli("convert", source, "--to", "rmsnorm", "--input-shape", "2,16:int64")
+    assert refused.returncode == 2 and "(CLI: --untie)" in refused.stderr and "lm_head" in refused.stderr, refused.stderr
+    assert not (tmp_path / "gpt2.converted.pt").exists()
+
+    done = cli("convert", source, "--to", "rmsnorm", "--untie", "--input-shape", "2,16:int64", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["check"]["passed"]
+    converted = torch.load(tmp_path / "gpt2.converted.pt", weights_only=False)
+    kinds = {type(m).__name__ for m in converted.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
+    assert kinds == {"RMSNorm"} and len([c for c in report["changes"] if c["action"] == "converted"]) == 5
+    assert converted.lm_head.weight is not converted.get_input_embeddings().weight
