@@ -172,6 +172,15 @@ def test_help_lists_commands_and_fold_options(cli):
         assert option in fold_help.stdout
 
 
+def test_fold_help_says_what_a_folded_batchnorm_becomes(cli):
+    """Not only nn.Identity: a BatchNorm+act becomes its act, after baking and merging branches."""
+    text = " ".join(cli("fold", "--help").stdout.split())
+    for said in ("weight-standardized convs (timm StdConv2d) are baked into plain convs",
+                 "merged into one conv unless --no-reparameterize", "A folded BatchNorm becomes nn.Identity",
+                 "BatchNorm with its activation inside (timm BatchNormAct2d) becomes that activation"):
+        assert said in text, said
+
+
 def test_fold_affine_leaves_parameter_free_norms(tmp_path, cli):
     path = tmp_path / "llama.pt"
     torch.save(models.build("llama"), path)

@@ -46,11 +46,15 @@ def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bo
          strict: bool, atol: float | None, rtol: float | None) -> None:
     """Fold BatchNorm running statistics into the neighbouring conv/linear layers.
 
-    Writes MODEL.folded.pt (a pickled module of the model's own class, folded BNs replaced by
-    nn.Identity; a .pt2 gives MODEL.folded.pt2) and exits 0 only when the folded model matches
-    the original on the example inputs. A grouped ConvTranspose that gets a bias from the fold
-    becomes normsurgeon's BiasAfterConvTranspose (torch's CPU kernel is slow with a bias); the
-    report says where.
+    First, weight-standardized convs (timm StdConv2d) are baked into plain convs, and summed
+    conv+BN branches (RepVGG, MobileOne) are merged into one conv unless --no-reparameterize.
+    A folded BatchNorm becomes nn.Identity; a BatchNorm with its activation inside (timm
+    BatchNormAct2d) becomes that activation.
+
+    Writes MODEL.folded.pt (a pickled module of the model's own class; a .pt2 gives
+    MODEL.folded.pt2) and exits 0 only when the folded model matches the original on the example
+    inputs. A grouped ConvTranspose that gets a bias from the fold becomes normsurgeon's
+    BiasAfterConvTranspose (torch's CPU kernel is slow with a bias); the report says where.
 
     \b
     Examples:
