@@ -30,6 +30,10 @@ def model_options(func: Callable) -> Callable:
         click.option("--factory", metavar="MODULE:CALLABLE",
                      help="The function that builds the architecture when MODEL is a state_dict, e.g. "
                           "mypkg.nets:resnet50; the weights must fit it exactly."),
+        click.option("--config", "config", type=click.Path(path_type=Path), metavar="DIR",
+                     help="When MODEL is a .safetensors file of a transformers model: the folder holding its "
+                          "config.json (or the file itself); the architecture is built from it offline and the "
+                          "weights must fit it exactly."),
         click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
                      type=click.Path(file_okay=False, path_type=Path),
                      help="Extra directory to import model classes from (the current directory always is). Repeatable."),

@@ -39,6 +39,7 @@ class ModelArgs:
 
     model_path: Path
     factory: str | None = None
+    config: Path | None = None
     import_paths: tuple[Path, ...] = ()
     trust_pickle: bool = False
     weights: Path | None = None
@@ -113,7 +114,7 @@ class OpenedModel:
         ``from_config``, a save_pretrained or timm model's config gives them)."""
         from ..io.inputs import resolve_inputs
 
-        by_config = from_config and self.loaded.form in ("pretrained_dir", "timm")
+        by_config = from_config and self.loaded.form in ("pretrained_dir", "timm", "safetensors+config")
         if optional and not (self.args.gives_inputs or by_config):
             return None
         self.inputs = resolve_inputs(self.model, input_shapes=self.args.input_shapes,
@@ -153,7 +154,7 @@ def open_model(args: ModelArgs, command: str | None, *, eval_mode: EvalMode | No
     ``eval_mode``, refuse a model in training mode unless --eval put it in eval mode. ``reads``: further
     files the command reads (never overwritten)."""
     loaded = load_model(args.model_path, factory=args.factory, trust_pickle=args.trust_pickle,
-                        import_paths=args.import_paths, weights=args.weights)
+                        import_paths=args.import_paths, weights=args.weights, config=args.config)
     exported = loaded.form == "exported_program"
     if exported and command is not None:
         raise exported_program_refusal(args.model_path, command)
@@ -163,4 +164,5 @@ def open_model(args: ModelArgs, command: str | None, *, eval_mode: EvalMode | No
             raise PreconditionError(f"{args.model_path} was saved in training mode{eval_mode.refusal}")
         loaded.model.eval()
         notes.append(f"the model was in training mode; {eval_mode.note}")
-    return OpenedModel(args, loaded, notes, files_read(args.model_path, args.weights, args.inputs_file, *reads))
+    reads_too = files_read(args.model_path, args.weights, args.config, args.inputs_file, *reads)
+    return OpenedModel(args, loaded, notes, reads_too)

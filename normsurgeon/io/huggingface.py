@@ -7,6 +7,11 @@ one of transformers' own classes: a config that asks for custom code (``auto_map
 since normsurgeon never runs a repository's code. safetensors holds tensors only; a
 ``pytorch_model.bin`` is checked by the same tensor-only scan as an inputs file before
 transformers reads it weights-only.
+
+A lone ``.safetensors`` file with ``--config`` (a folder holding config.json, or the file itself)
+is built the same way from that config, then loaded strictly: every key the model has, none it
+has not, every shape the same (a weight transformers ties to another, such as a tied lm_head,
+may be absent, as save_pretrained leaves it).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normsurgeon.errors import LoadError, UnsafePickleError
+from normsurgeon.errors import LoadError, UnsafePickleError, UsageError
 
 from .pickle_safety import check_pickle, one_line
 
@@ -70,7 +75,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_pretrained_dir(folder: Path) -> nn.Module:
     """Build the model of a save_pretrained directory with transformers, offline, in eval mode."""
     transformers = _import_transformers(folder)
-    config = _read_config(folder)
+    config = _read_config(folder / CONFIG)
     model_class = _model_class(transformers, config, folder)
     _check_pickled_weights(folder)
     with offline(), quiet_transformers():
@@ -82,17 +87,61 @@ def load_pretrained_dir(folder: Path) -> nn.Module:
     return model.eval()
 
 
-def _import_transformers(folder: Path) -> Any:
+def config_file(config: Path) -> Path:
+    """The config.json that ``--config`` names: the file itself, or config.json in the folder given."""
+    path = config / CONFIG if config.is_dir() else config
+    if not path.is_file():
+        raise UsageError(f"--config {config}: no {CONFIG} there; pass the save_pretrained folder that holds it, "
+                         f"or the {CONFIG} file itself")
+    return path
+
+
+def model_for_safetensors(path: Path, config: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The transformers model that ``config`` (a config.json) describes, built offline in the floating dtype of
+    the safetensors file ``path`` (weights not yet loaded), and the file's state_dict with the keys the model
+    ties to one the file holds filled in: what :func:`normsurgeon.io.loading.load_strict` then loads."""
+    transformers = _import_transformers(path)
+    model_class = _model_class(transformers, _read_config(config), config)
+    state_dict = load_safetensors(path)
+    with offline(), quiet_transformers():
+        try:
+            built = transformers.AutoConfig.from_pretrained(str(config), local_files_only=True, trust_remote_code=False)
+            model = model_class.from_config(built) if model_class is transformers.AutoModel \
+                else model_class._from_config(built)
+        except Exception as exc:  # a config transformers cannot build a model from
+            raise LoadError(f"{config}: transformers could not build {model_class.__name__} from it "
+                            f"({type(exc).__name__}: {one_line(exc, 160)}); check the config") from exc
+    _to_file_dtype(model, state_dict)
+    return model, _with_tied(model, state_dict)
+
+
+def _with_tied(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` plus the keys the model ties to one it holds (the same tensor), which save_pretrained omits."""
+    mine = model.state_dict()
+    by_storage = {(t.data_ptr(), t.shape): key for key, t in mine.items() if key in state_dict and t.numel()}
+    tied = {key: state_dict[by_storage[(t.data_ptr(), t.shape)]] for key, t in mine.items()
+            if key not in state_dict and t.numel() and (t.data_ptr(), t.shape) in by_storage}
+    return {**state_dict, **tied}
+
+
+def _to_file_dtype(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """The file's floating dtype when all its floating tensors share one (as from_pretrained's dtype="auto")."""
+    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+
+
+def _import_transformers(path: Path) -> Any:
     try:
         import transformers
     except ImportError as exc:
-        raise LoadError(f"{folder}: a Hugging Face save_pretrained directory needs transformers; "
-                        "pip install transformers") from exc
+        raise LoadError(f"{path}: a Hugging Face model needs transformers; pip install transformers") from exc
     return transformers
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG
+def _read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict; one that asks for custom code (auto_map) is refused."""
+    folder = path.parent
     if path.stat().st_size > _MAX_CONFIG_BYTES:
         raise LoadError(f"{path}: {path.stat().st_size} bytes is not a model config; check the directory")
     try:
@@ -110,7 +159,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _model_class(transformers: Any, config: dict[str, Any], folder: Path) -> Any:
+def _model_class(transformers: Any, config: dict[str, Any], where: Path) -> Any:
     """The transformers class named by ``architectures`` (or AutoModel for the config's model type)."""
     names = config.get("architectures") or []
     for name in names:
@@ -118,7 +167,7 @@ def _model_class(transformers: Any, config: dict[str, Any], folder: Path) -> Any
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls
     if names:
-        raise LoadError(f"{folder}: config.json names architectures {names}, which transformers "
+        raise LoadError(f"{where}: config.json names architectures {names}, which transformers "
                         f"{transformers.__version__} does not have; upgrade transformers or fix 'architectures'")
     return transformers.AutoModel
 

@@ -41,7 +41,14 @@ from .pickle_safety import (
     scan_pickle_globals,
 )
 from . import strict_unpickler
-from .huggingface import is_safetensors, load_pretrained_dir, load_safetensors, pretrained_dir_of
+from .huggingface import (
+    config_file,
+    is_safetensors,
+    load_pretrained_dir,
+    load_safetensors,
+    model_for_safetensors,
+    pretrained_dir_of,
+)
 from .pt2_safety import check_pt2_archive
 from .timm_models import PREFIX as TIMM_PREFIX
 from .timm_models import build_timm, is_timm_spec
@@ -60,7 +67,7 @@ class LoadedModel:
 
     model: nn.Module  # for .pt2: exported_program.module()
     source: Path
-    form: Literal["module", "state_dict+factory", "exported_program", "pretrained_dir", "timm"]
+    form: Literal["module", "state_dict+factory", "exported_program", "pretrained_dir", "timm", "safetensors+config"]
     exported_program: torch.export.ExportedProgram | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "loaded with --trust-pickle"
 
@@ -75,9 +82,11 @@ def load_model(
     trust_pickle: bool = False,
     import_paths: Sequence[str | Path] = (),
     weights: str | Path | None = None,
+    config: str | Path | None = None,
 ) -> LoadedModel:
     """Load a pickled module, a state_dict (``.pt`` or safetensors) plus ``factory``, a ``.pt2``
-    exported program, a Hugging Face ``save_pretrained`` directory, or ``timm:NAME`` with ``weights``.
+    exported program, a Hugging Face ``save_pretrained`` directory, ``timm:NAME`` with ``weights``,
+    or a safetensors file with ``config`` (a transformers config.json, or the folder holding it).
 
     The file is checked before torch reads it, so an untrusted checkpoint cannot run code
     unless ``trust_pickle`` is set. ``import_paths`` (and the cwd) are put on sys.path while
@@ -85,7 +94,9 @@ def load_model(
     A model whose module graph no walk could finish (a cycle, ``Sequential(m, m)`` nested 60 deep)
     is refused in linear time, before anything calls ``eval()`` on it or runs it.
     """
-    if is_timm_spec(path):
+    if config is not None:
+        loaded = _load_with_config(Path(str(path)), Path(config), factory, weights)
+    elif is_timm_spec(path):
         model, notes = _load_timm(str(path), Path(weights) if weights is not None else None)
         loaded = LoadedModel(model=model, source=Path(weights or str(path)[len(TIMM_PREFIX):]), form="timm", notes=notes)
     else:
@@ -106,6 +117,22 @@ def _load_timm(spec: str, weights: Path | None) -> tuple[nn.Module, list[str]]:
         return model.eval(), [f"{spec}: no --weights given, so the weights are timm's random initialisation"]
     load_strict(model, load_state_dict_file(weights), weights, spec)
     return model.eval(), [f"{spec} built by timm {version}, weights from {weights}"]
+
+
+def _load_with_config(path: Path, config: Path, factory: str | None, weights: str | Path | None) -> LoadedModel:
+    """A safetensors file loaded strictly into the transformers model ``config`` describes."""
+    if factory is not None or weights is not None:
+        raise UsageError(f"give {'--factory' if factory is not None else '--weights'} or --config, not both: "
+                         "--config builds a transformers model for the .safetensors MODEL")
+    if is_timm_spec(path) or not path.is_file() or not is_safetensors(path):
+        raise UsageError(f"--config goes with a .safetensors MODEL (weights without the architecture); {path} is "
+                         "not one: pass a save_pretrained folder or other MODEL without --config")
+    config = config_file(config)
+    model, state_dict = model_for_safetensors(path, config)
+    load_strict(model, state_dict, path, f"--config {config} ({type(model).__name__})",
+                fix="pass the config.json these weights were saved with")
+    return LoadedModel(model=model.eval(), source=path, form="safetensors+config",
+                       notes=[f"{type(model).__name__} built from {config}, weights from {path}"])
 
 
 def load_state_dict_file(path: str | Path) -> Mapping[str, Any]:
@@ -341,7 +368,7 @@ def _interpret(
     if factory is None:
         raise UsageError(
             f"{path}: holds a state_dict (weights without the architecture); pass --factory "
-            "module:callable that builds the model"
+            "module:callable that builds the model (or --config DIR for a transformers model's weights)"
         )
     model = _build_with_factory(factory, import_paths)
     load_strict(model, state_dict, path, f"--factory {factory}")
@@ -383,8 +410,12 @@ def _build_with_factory(factory: str, import_paths: Sequence[str | Path]) -> nn.
     return model
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, built_by: str) -> None:
-    """load_state_dict(strict=True), with mismatches explained in one line.
+_FACTORY_FIX = "pass the factory that built this checkpoint"
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, built_by: str, *,
+                fix: str = _FACTORY_FIX) -> None:
+    """load_state_dict(strict=True), with mismatches explained in one line ending in ``fix``.
 
     torch's own load runs first: modules may convert old key layouts on load (weight norm's
     weight_g/weight_v become parametrizations), which a comparison of key sets would refuse.
@@ -400,19 +431,19 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, bui
         parts = [f"missing keys {listing(missing)}"] if missing else []
         parts += [f"unexpected keys {listing(unexpected)}"] if unexpected else []
         detail = "; ".join(parts)
-        hint = _prefix_hint(expected, given)
+        hint = _prefix_hint(expected, given) or fix
     else:
         detail = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip()) or str(error)
-        hint = "pass the factory that built this checkpoint"
+        hint = fix
     raise LoadError(
         f"{path}: state_dict does not fit the model from {built_by}: {one_line(detail, 200)}; {hint}"
     ) from error
 
 
-def _prefix_hint(expected: set[str], given: set[str]) -> str:
+def _prefix_hint(expected: set[str], given: set[str]) -> str | None:
     if given and all(k.startswith("module.") for k in given) and {k[7:] for k in given} == expected:
         return "the keys carry a 'module.' prefix (saved from DataParallel): strip it and save again"
-    return "pass the factory that built this checkpoint"
+    return None
 
 
 def _describe(obj: Any) -> str:

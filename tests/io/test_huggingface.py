@@ -238,3 +238,74 @@ def test_a_fold_that_would_reload_wrong_is_not_written_as_a_directory(tmp_path: 
     assert fallback.exit_code == 0, fallback.stderr
     assert (tmp_path / "trained.folded.pt").exists() and not (tmp_path / "trained.folded").exists()
     assert any("instead of a save_pretrained directory" in n for n in json.loads(fallback.stdout)["notes"])
+
+
+# --------------------------------------------------------------------------- a .safetensors file with --config
+
+
+def _weights_and_config(saved: dict, name: str, tmp_path: Path, **changes: object) -> tuple[Path, Path]:
+    """The model.safetensors of ``saved[name]`` alone in one folder, its config.json (with ``changes``) in another."""
+    folder = saved[name][0]
+    weights, config_dir = tmp_path / "weights" / f"{name}.safetensors", tmp_path / "config"
+    weights.parent.mkdir()
+    config_dir.mkdir()
+    weights.write_bytes((folder / "model.safetensors").read_bytes())
+    config = {**json.loads((folder / "config.json").read_text()), **changes}
+    (config_dir / "config.json").write_text(json.dumps(config))
+    return weights, config_dir
+
+
+@pytest.mark.parametrize("name", ["gpt2", "resnet"])
+@pytest.mark.parametrize("given", ["folder", "config.json"])
+def test_a_safetensors_file_with_a_config_loads_as_the_model_that_was_saved(name: str, given: str, saved: dict,
+                                                                           tmp_path: Path) -> None:
+    """GPT-2's lm_head is tied to its embedding: save_pretrained leaves it out of the file, and that is no miss."""
+    _, model, inputs = saved[name]
+    weights, config_dir = _weights_and_config(saved, name, tmp_path)
+    config = config_dir if given == "folder" else config_dir / "config.json"
+
+    loaded = load_model(weights, config=config)
+
+    assert loaded.form == "safetensors+config" and loaded.source == weights
+    assert type(loaded.model) is type(model) and not loaded.model.training
+    assert any(type(model).__name__ in n and str(weights) in n for n in loaded.notes)
+    torch.testing.assert_close(first_output(loaded.model, inputs), first_output(model, inputs), rtol=0, atol=0)
+
+
+def test_cli_on_a_safetensors_file_with_a_config_infers_its_inputs(saved: dict, tmp_path: Path, cli) -> None:
+    weights, config_dir = _weights_and_config(saved, "bert", tmp_path)
+
+    result = cli("inspect", weights, "--config", config_dir, "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert any("inferred from the model's config" in n for n in json.loads(result.stdout)["notes"])
+
+
+@pytest.mark.parametrize("case, code, says", [
+    ("not safetensors", 2, "--config goes with a .safetensors MODEL"),
+    ("no config", 2, "no config.json there"),
+    ("with factory", 2, "give --factory or --config, not both"),
+    ("unknown architecture", 3, "names architectures ['NoSuchModel']"),
+    ("other architecture", 3, "(BertModel): missing keys embeddings.LayerNorm.bias"),
+    ("other shapes", 3, "size mismatch for model.embed_tokens.weight"),
+])
+def test_a_config_that_does_not_fit_is_one_clear_line(case: str, code: int, says: str, saved: dict,
+                                                      tmp_path: Path, cli) -> None:
+    changes = {"unknown architecture": {"architectures": ["NoSuchModel"]},
+               "other shapes": {"vocab_size": 80}}.get(case, {})
+    weights, config_dir = _weights_and_config(saved, "llama", tmp_path, **changes)
+    if case == "not safetensors":
+        weights = weights.with_suffix(".pt")
+        torch.save(saved["llama"][1].state_dict(), weights)
+    args: list[object] = [weights, "--config", config_dir]
+    if case == "no config":
+        args[-1] = tmp_path
+    elif case == "with factory":
+        args += ["--factory", f"{__name__}:build_two_layers"]
+    elif case == "other architecture":
+        args[-1] = saved["bert"][0]
+
+    result = cli("inspect", *args)
+
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr and result.stderr.strip().count("\n") == 0
