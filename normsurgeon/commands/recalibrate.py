@@ -29,26 +29,30 @@ def recalibrate(args: ModelArgs, data_path: Path, batches: int | None, batch_siz
     all batches (not the training momentum, nor an average of per-batch statistics), with only
     the BatchNorm layers in train mode. The check compares outputs before and after on a
     held-out batch: informational (recalibration changes outputs on purpose), it fails only
-    when the new outputs are not finite. Writes MODEL.recalibrated.pt in MODEL's own form.
+    when the new outputs are not finite. Writes MODEL.recalibrated.pt in MODEL's own form; a
+    save_pretrained folder gives a folder, reloaded and checked on the held-out batch before it is kept.
 
     \b
     Example:
       normsurgeon recalibrate averaged.pt --data calib.pt --batch-size 64
     """
-    from ..io.saving import save_module, save_state_dict
+    from ..io.data import load_batches, to_model
+    from ..io.pretrained_output import write_model
+    from ..io.saving import save_state_dict
     from ..passes.recalibrate import recalibrate as run_recalibration
 
     opened = open_model(args, "recalibrate", reads=(data_path,))  # a --data folder: every file in it is protected
-    out_path = opened.output_file("recalibrated")
+    target = opened.output_target("recalibrated")
+    data = load_batches(data_path, trust_pickle=args.trust_pickle, batch_size=batch_size)
     # A progress bar only on a terminal: elsewhere it leaves a blank line on stderr.
-    report = run_recalibration(opened.model, data_path, batches=batches, batch_size=batch_size,
-                               progress=sys.stderr.isatty(), trust_pickle=args.trust_pickle)
+    report = run_recalibration(opened.model, data, batches=batches, progress=sys.stderr.isatty())
     if opened.loaded.form == "state_dict+factory":
-        save_state_dict(report.model.state_dict(), out_path, force=args.force, protect=opened.reads)
+        out_path = save_state_dict(report.model.state_dict(), target.path, force=args.force, protect=opened.reads)
         out_form = "state_dict"
-    else:
-        save_module(report.model, out_path, force=args.force, protect=opened.reads)
-        out_form = "module"
+    else:  # a save_pretrained model: a directory, proven on the held-out batch by reloading it
+        out_path = write_model(report, to_model(data.batches[-1], report.model), target, force=args.force,
+                               protect=opened.reads)
+        out_form = "save_pretrained" if out_path.is_dir() else "module"
     facts = {"data": str(data_path), "output": f"{out_path} ({out_form})"}
     opened.emit(report, title="normsurgeon recalibrate", facts=facts,
                 extra={"output": str(out_path), "output_form": out_form})

@@ -58,3 +58,32 @@ def test_empty_data_folder_is_a_clear_error_and_nothing_is_written(tmp_path, cor
     assert result.returncode == 3
     assert result.stderr.strip().count("\n") == 0 and "holds no data files" in result.stderr
     assert not (tmp_path / "mlp.recalibrated.pt").exists()
+
+
+def test_recalibrate_on_a_save_pretrained_directory_writes_a_directory_that_reloads(tmp_path, cli):
+    """Recalibration changes only BN statistics, which save_pretrained keeps: the output is a folder, reloaded in
+    the command and here by transformers itself, holding the pooled statistics of the calibration batches."""
+    np = pytest.importorskip("numpy")
+    transformers = pytest.importorskip("transformers")
+    from tests.hf_models import pretrained_model
+
+    model = pretrained_model("resnet")
+    with torch.no_grad():  # statistics a recalibration must replace
+        model.embedder.embedder.normalization.running_mean.add_(3.0)
+    folder = tmp_path / "resnet"
+    model.save_pretrained(folder)
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    np.savez(tmp_path / "calib.npz", pixel_values=images.numpy())
+
+    result = cli("recalibrate", folder, "--data", tmp_path / "calib.npz", "--batch-size", "8", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    out = tmp_path / "resnet.recalibrated"
+    assert report["output"] == str(out) and report["output_form"] == "save_pretrained"
+    assert report["checks"][-1]["label"] == "save_pretrained reloaded vs written" and report["passed"]
+    reloaded = transformers.ResNetModel.from_pretrained(out).eval()
+    with torch.no_grad():  # the first BN sees the stem conv's output; the last batch of 8 is held out
+        stem = model.embedder.embedder.convolution(images[:24])
+    expected = stem.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(reloaded.embedder.embedder.normalization.running_mean, expected, rtol=1e-4, atol=1e-5)
