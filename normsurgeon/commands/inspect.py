@@ -59,16 +59,20 @@ def print_inspect(report, console: Console, *, title: str) -> None:
     console.print(options)
     flagged = [(row.path, hazard) for row in report.norms for hazard in row.hazards]
     if flagged:
-        hazards = Table(title=f"hazards ({len(flagged)})", title_justify="left")
-        hazards.add_column("path")
-        hazards.add_column("hazard")
-        for path, hazard in flagged:
-            hazards.add_row(path, hazard)
-        console.print(hazards)
+        console.print(_table(f"hazards ({len(flagged)})", ("path", "hazard"), flagged))
     if report.unrecognized:
-        rejected = Table(title="look like norms, but are not recognised", title_justify="left")
-        for column in ("path", "class", "why"):
-            rejected.add_column(column)
-        for item in report.unrecognized:
-            rejected.add_row(item["path"], item["class"], item["reason"])
-        console.print(rejected)
+        console.print(_table("look like norms, but are not recognised", ("path", "class", "why"),
+                             [(item["path"], item["class"], item["reason"]) for item in report.unrecognized]))
+    if report.weight_standardized:
+        console.print(_table("weight-standardized convs", ("path", "class", "bake"),
+                             [(item["path"], item["class"], item["bake"]) for item in report.weight_standardized]))
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> Table:
+    """A titled table of plain-text rows."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table

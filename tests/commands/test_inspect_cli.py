@@ -56,6 +56,23 @@ def test_human_table_names_norms_options_and_hazards(tmp_path):
         assert text in result.output
 
 
+def test_human_output_lists_weight_standardized_convs_with_what_baking_does(tmp_path, cli):
+    timm = pytest.importorskip("timm")
+    model = nn.Sequential(timm.layers.StdConv2d(3, 4, 3), nn.ReLU(), timm.layers.StdConv2dSame(4, 4, 3, stride=2))
+    torch.save(model.eval(), tmp_path / "ws.pt")
+
+    result = cli("inspect", tmp_path / "ws.pt", "--input-shape", "1,3,9,9")
+
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("\nweight-standardized convs")[-1]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
+    assert [row[:2] for row in rows] == [["0", "StdConv2d"], ["2", "StdConv2dSame"]], table
+    assert rows[0][2].startswith("bake into a plain Conv2d (exact)") and rows[1][2].startswith("cannot be baked: ")
+    as_json = json.loads(cli("inspect", tmp_path / "ws.pt", "--input-shape", "1,3,9,9", "--json").stdout)
+    assert [(r["path"], r["class"]) for r in as_json["weight_standardized"]] == [("0", "StdConv2d"),
+                                                                               ("2", "StdConv2dSame")]
+
+
 @registered
 @pytest.mark.slow
 def test_cli_subprocess_inspect_json(transformers_files):
