@@ -75,6 +75,18 @@ def pretrained_model(name: str) -> nn.Module:
     return model.eval()
 
 
+def encodec_model() -> nn.Module:
+    """A tiny randomly initialised EncodecModel (8 kHz mono, hop 16, 2 codebooks of 16), eval mode: a codec whose
+    forward takes ``input_values`` of shape (batch, channels, length)."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.EncodecConfig(target_bandwidths=[4.0], sampling_rate=8000, audio_channels=1, num_filters=4,
+                              hidden_size=16, upsampling_ratios=[4, 4], codebook_size=16, codebook_dim=16,
+                              num_lstm_layers=1, num_residual_layers=1, kernel_size=3, last_kernel_size=3,
+                              residual_kernel_size=3)
+    return tf.EncodecModel(config).eval()
+
+
 # Causal LMs whose final norm feeds lm_head (through transformers' token slice, GPT-2's view), and which
 # tie lm_head to the input embedding by default: gemma, gpt2 and opt.
 CAUSAL_LMS = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "opt")

@@ -175,8 +175,8 @@ def _transformers_inputs(model: nn.Module, config: object, main: str) -> tuple[d
         args = {"pixel_values": torch.randn(1, channels, height, width, generator=generator)}
         what = f"pixel values 1x{channels}x{height}x{width}"
     elif main == "input_values":
-        args = {"input_values": torch.randn(1, 16000, generator=generator)}
-        what = "one second of 16 kHz audio"
+        shape, what = _audio_shape(config)
+        args = {"input_values": torch.randn(shape, generator=generator)}
     elif main == "input_features":
         bins, frames = getattr(config, "num_mel_bins", 80), 2 * getattr(config, "max_source_positions", 1500)
         args = {"input_features": torch.randn(1, bins, frames, generator=generator)}
@@ -190,6 +190,20 @@ def _transformers_inputs(model: nn.Module, config: object, main: str) -> tuple[d
         args["use_cache"] = False
         what += ", use_cache=False"
     return args, what
+
+
+_SAMPLING_RATE = 16000
+
+
+def _audio_shape(config: object) -> tuple[tuple[int, ...], str]:
+    """One second of raw audio at the config's sampling rate: (batch, length), or (batch, channels, length) for
+    codecs whose config states ``audio_channels`` (EnCodec, Mimi)."""
+    rate = getattr(config, "sampling_rate", None)
+    rate = rate if isinstance(rate, int) and rate > 0 else _SAMPLING_RATE
+    channels = getattr(config, "audio_channels", None)
+    if isinstance(channels, int) and channels > 0:
+        return (1, channels, rate), f"one second of {rate} Hz audio, {channels} channel(s), 1x{channels}x{rate}"
+    return (1, rate), f"one second of {rate} Hz audio, 1x{rate}"
 
 
 def _accepts(model: nn.Module, name: str) -> bool:

@@ -309,3 +309,24 @@ def test_a_config_that_does_not_fit_is_one_clear_line(case: str, code: int, says
 
     assert result.returncode == code, result.stderr
     assert says in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+# --------------------------------------------------------------------------- inferred inputs of an audio codec
+
+
+def test_inspect_an_encodec_directory_infers_channels_first_audio(tmp_path: Path, cli) -> None:
+    """EnCodec's forward wants input_values of (batch, audio_channels, length): one second at its sampling rate."""
+    from normsurgeon.io.inputs import inputs_from_config
+    from tests.hf_models import encodec_model
+
+    model = encodec_model()
+    model.save_pretrained(tmp_path / "encodec")
+    inferred = inputs_from_config(model)
+    assert inferred is not None and inferred.kwargs["input_values"].shape == (1, 1, 8000)
+
+    result = cli("inspect", tmp_path / "encodec", "--json")
+
+    assert result.returncode == 0, result.stderr
+    notes = json.loads(result.stdout)["notes"]
+    assert any("inferred from the model's config: one second of 8000 Hz audio" in n and "1x1x8000" in n
+               for n in notes), notes
