@@ -16,11 +16,13 @@ with _cli_import_interruptible():
     )
     from .modules import ChannelsFirstLayerNorm, FrozenBatchNorm, MeanOnlyBatchNorm
     from .passes.param_groups import ParamGroups, param_groups
+    from .passes.bake_weight_standardization import bake_weight_standardization
     from .passes.convert import convert_norms
     from .passes.fold_batchnorm import fold_batchnorm
     from .passes.fold_norm_affine import fold_norm_affines
     from .passes.inspect import InspectReport, inspect_norms
     from .passes.recalibrate import recalibrate
+    from .passes.reparameterize import reparameterize
     from .passes.weight_norm import apply_weight_norm, remove_weight_norm
     from .placement import Placement
     from .recognize import NormKind, recognize_norms
@@ -54,6 +56,7 @@ __all__ = [
     "UsageError",
     "VerificationError",
     "apply_weight_norm",
+    "bake_weight_standardization",
     "compare_outputs",
     "convert_norms",
     "export_onnx",
@@ -66,6 +69,7 @@ __all__ = [
     "recalibrate",
     "recognize_norms",
     "remove_weight_norm",
+    "reparameterize",
     "trace",
     "verify_onnx",
 ]

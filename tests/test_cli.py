@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,38 @@ def test_fold_help_says_what_a_folded_batchnorm_becomes(cli):
                  "merged into one conv unless --no-reparameterize", "A folded BatchNorm becomes nn.Identity",
                  "BatchNorm with its activation inside (timm BatchNormAct2d) becomes that activation"):
         assert said in text, said
+
+
+def test_the_python_verbs_the_readme_names_are_exported() -> None:
+    import normsurgeon
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    sentence = readme[readme.index("Python has the same verbs"):readme.index("Each returns a `Report`")]
+    verbs = re.findall(r"`(\w+)`", sentence)
+    assert {"bake_weight_standardization", "reparameterize", "fold", "export_onnx"} <= set(verbs)
+    for verb in verbs:
+        assert verb in normsurgeon.__all__ and callable(getattr(normsurgeon, verb)), verb
+
+
+def test_reparameterize_and_bake_from_the_package_keep_the_outputs() -> None:
+    """The two steps fold runs first, called from ``normsurgeon``: one conv per summed pair, plain convs."""
+    import normsurgeon
+
+    class Summed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) + self.b(x)
+
+    x = torch.randn(2, 3, 8, 8)
+    merged = normsurgeon.reparameterize(torch.nn.Sequential(Summed(), torch.nn.ReLU()).eval(), (x,))
+    assert merged.check.passed and len(merged.changed("reparameterized")) == 1
+    assert type(merged.model[0]) is torch.nn.Conv2d
+    timm = pytest.importorskip("timm")
+    baked = normsurgeon.bake_weight_standardization(torch.nn.Sequential(timm.layers.StdConv2d(3, 4, 3)).eval(), (x,))
+    assert baked.check.passed and type(baked.model[0]) is torch.nn.Conv2d
 
 
 def test_fold_affine_leaves_parameter_free_norms(tmp_path, cli):
