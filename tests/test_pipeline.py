@@ -339,7 +339,6 @@ RAISES_ELSEWHERE = {
     "check.py": "mismatch_error builds the error the runner raises",
     "onnx/optimize.py": "an ONNX file compared in onnxruntime: no module pass, no nn.Module",
     "passes/recalibrate.py": "NaN/inf statistics after recalibration, which changes the outputs on purpose",
-    "passes/convert.py": "convert_norms is not a ModulePass yet (issue 14, WP4)",
 }
 
 

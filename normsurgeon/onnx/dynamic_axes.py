@@ -8,7 +8,7 @@ keep one sequence length.
 Defaults per modality, by input name: token-shaped inputs (``input_ids``, ``attention_mask``,
 ``token_type_ids``, ``position_ids``, ``inputs_embeds``, each also with a ``decoder_`` prefix) get
 ``batch`` and one sequence symbol per family (``sequence``, ``decoder_sequence``); ``pixel_values``
-gets ``batch``, ``height`` and ``width``; ``input_values`` (raw audio) and ``input_features``
+gets ``batch``, ``height`` and ``width``; ``input_values`` (raw audio, last dim) and ``input_features``
 (mel frames, last dim) get ``batch`` and ``time``; any other tensor gets ``batch``. A default axis the
 model fixes (ViT's image size, Whisper's 3000 mel frames) is kept static with a note; an axis the
 user asked for by name is an error instead.
@@ -142,8 +142,8 @@ def default_axes(name: str, tensor: torch.Tensor) -> dict[int, str]:
             return {0: BATCH, 1: f"{family}sequence"}
     if name == "pixel_values" and tensor.dim() == 4:
         return {0: BATCH, 2: "height", 3: "width"}
-    if name == "input_values" and tensor.dim() == 2:
-        return {0: BATCH, 1: "time"}
+    if name == "input_values" and tensor.dim() in (2, 3):  # (batch, samples) or (batch, channels, samples): EnCodec
+        return {0: BATCH, tensor.dim() - 1: "time"}
     if name == "input_features" and tensor.dim() == 3:
         return {0: BATCH, 2: "time"}
     return {0: BATCH}
@@ -238,7 +238,7 @@ def runnable_axes(model: nn.Module, inputs: tuple | dict, axes: Sequence[Axis], 
     described = [(a, f"at {other_size(a.symbol, sizes[a.symbol])} ({failing[a.symbol]})") for a in at_fault]
     if required := [(a, text) for a, text in described if a.required]:
         raise ExportError(f"the model does not run along {_describe(required)}; export with it static (leave it out "
-                          "of --dynamic, or leave out --dynamic-batch)")
+                          "of --dynamic-axis, or leave out --dynamic-batch)")
     if described:
         notes.append(f"kept static, the model does not run along {_describe(described)}")
     return tuple(a for a in axes if a.symbol not in failing)
@@ -258,7 +258,7 @@ def settle_axes(
     if required := [(a, size) for a, size in fixed if a.required]:
         raise ExportError(
             f"the model fixes {_describe(required)}: torch.export made it static; export with it static (leave "
-            "it out of --dynamic, or leave out --dynamic-batch), or change the code that fixes it (int(x.shape[i]), "
+            "it out of --dynamic-axis, or leave out --dynamic-batch), or change the code that fixes it (int(x.shape[i]), "
             "a reshape to a constant size, a check of the size)"
         )
     if fixed:

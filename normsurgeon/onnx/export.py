@@ -393,7 +393,7 @@ def describe_export_failure(exc: BaseException, model: nn.Module, *, verbose: bo
     elif "ConstraintViolationError" in names or "Constraints violated" in text:
         fixed = ", ".join(dict.fromkeys(re.findall(r"You marked (\w+) as dynamic", text))) or "a dynamic axis"
         what = f"the model fixes {fixed}, which was asked to be dynamic (or ties it to another axis)"
-        fix = "export with it static (leave it out of --dynamic, or leave out --dynamic-batch)"
+        fix = "export with it static (leave it out of --dynamic-axis, or leave out --dynamic-batch)"
     elif output := re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", text):
         what = f"the model returns a {output[1].rsplit('.', 1)[-1]} ({output[1]}), which ONNX outputs cannot hold"
         fix = ("set model.config.use_cache = False before saving the model (transformers), or return only tensors"

@@ -161,7 +161,7 @@ def _run_torch(model: nn.Module, inputs: ExampleInputs, *, other_sizes: str | No
         if other_sizes is not None:
             raise ExportError(
                 f"the torch model fails at {other_sizes} ({type(exc).__name__}: {first}), sizes the file's dynamic "
-                "axes accept: the model fixes one of them; export with it static (leave it out of --dynamic)"
+                "axes accept: the model fixes one of them; export with it static (leave it out of --dynamic-axis or --dynamic-batch)"
             ) from exc
         raise PreconditionError(
             f"the torch model failed on the example inputs ({type(exc).__name__}: {first}); "

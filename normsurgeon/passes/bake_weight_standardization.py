@@ -54,6 +54,10 @@ class BakeWeightStandardization(ModulePass):
             if found.why_not:
                 yield Skip(path, SkipReason.UNSUPPORTED_STRUCTURE, f"{found.describe()}: {found.why_not}")
                 continue
+            if module is ctx.model:  # nothing holds the model itself, so no plain conv can take its place
+                yield Skip(path, SkipReason.UNSUPPORTED_STRUCTURE, f"{found.describe()} is the whole model: "
+                           "wrap it (nn.Sequential(model)) to have it replaced by a plain conv")
+                continue
             hooked = hooks_lost_by_replacing(module)
             if hooked:
                 yield Skip(path, SkipReason.HOOKED, hooked)

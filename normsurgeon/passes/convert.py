@@ -20,9 +20,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..check import compare_outputs, mismatch_error, require_tensor_outputs
+from ..check import compare_outputs, require_tensor_outputs
 from ..dataflow import Refusal
 from ..errors import PreconditionError, UsageError
+from ..pipeline import raise_if_failed
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Action, Change, LeftOut, Report, Skip, SkipReason
@@ -101,6 +102,7 @@ def convert_norms(
             _replace(model, item, report)
     if report.changes or not inexact:  # no table of "exact conversions" when there were none
         report.checks.append(_exact_check(flow, model, example_inputs, atol, rtol))
+        raise_if_failed(report, "the converted model")
     if inexact:
         for item in inexact:
             _replace(model, item, report)
@@ -242,10 +244,7 @@ def _note_rounding(item: _Item, report: Report) -> None:
 def _exact_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, atol: float | None, rtol: float | None):
     with torch.no_grad():
         outputs = call_model(model, example_inputs)
-    check = compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="exact conversions vs original")
-    if not check.passed:
-        raise mismatch_error(check, "the converted model")
-    return check
+    return compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="exact conversions vs original")
 
 
 def _approximate_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, report: Report):

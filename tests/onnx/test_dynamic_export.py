@@ -99,6 +99,13 @@ def test_default_axes_per_modality():
     assert not any(a.required for a in axes)  # defaults: one the model fixes stays static
 
 
+def test_multichannel_audio_gets_its_last_axis_as_time():
+    """EnCodec takes input_values as (batch, channels, samples): the channels stay, the samples vary."""
+    axes = resolve_axes(Any_(), {"input_values": torch.zeros(2, 1, 8000)}, Dynamic(defaults=True))
+
+    assert {(a.input, a.dim): a.symbol for a in axes} == {("input_values", 0): "batch", ("input_values", 2): "time"}
+
+
 def test_axes_by_name_replace_that_inputs_defaults_and_are_required():
     inputs = {"input_ids": torch.zeros(2, 16, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 32, 32)}
     axes = resolve_axes(Any_(), inputs, Dynamic(defaults=True, named={"pixel_values": {0: "batch"}}))
@@ -247,7 +254,7 @@ def test_an_axis_asked_for_by_name_that_the_model_fixes_is_an_error_naming_it(tm
 
     assert str(info.value).startswith(
         "the model fixes input 'pixel_values' dim 2 (height) at 8: torch.export made it static; export with it "
-        "static (leave it out of --dynamic, or leave out --dynamic-batch), or change the code that fixes it")
+        "static (leave it out of --dynamic-axis, or leave out --dynamic-batch), or change the code that fixes it")
     assert files_in(tmp_path) == []
 
 
@@ -406,7 +413,7 @@ def test_a_constraint_violation_the_exporter_raises_names_the_axes_and_the_fix()
     message = describe_export_failure(error, conv_bn(), verbose=True)
 
     assert message == ("cannot export the model to ONNX: the model fixes height, width, which was asked to be dynamic "
-                       "(or ties it to another axis); export with it static (leave it out of --dynamic, or leave out "
+                       "(or ties it to another axis); export with it static (leave it out of --dynamic-axis, or leave out "
                        "--dynamic-batch)")
 
 

@@ -170,7 +170,7 @@ def test_dynamic_batch_that_the_model_pins_is_an_export_error(tmp_path):
 
     with pytest.raises(ExportError, match=r"^the model does not run along input 'x' dim 0 \(batch\) at 3 \(RuntimeError: "
                                           r"shape '\[2, 8\]' is invalid .*\); export with it static \(leave it out of "
-                                          r"--dynamic, or leave out --dynamic-batch\)$"):
+                                          r"--dynamic-axis, or leave out --dynamic-batch\)$"):
         export_onnx(Pinned().eval(), (torch.randn(2, 8),), tmp_path / "p.onnx", dynamic_batch=True)
     assert files_in(tmp_path) == []
 

@@ -304,3 +304,19 @@ def test_cli_convert_with_everything_already_native_exits_0_with_a_note(tmp_path
 
     assert result.exit_code == 0, result.stderr
     assert any("already" in n and "nothing to convert" in n for n in json.loads(result.stdout)["notes"])
+
+
+def test_a_failed_exact_check_raises_through_the_runner_with_the_report(monkeypatch):
+    """convert raises like every pass (pipeline.raise_if_failed): the error carries the report."""
+    from normsurgeon import check as check_module
+    from normsurgeon.errors import VerificationError
+    from normsurgeon.passes import convert as convert_module
+
+    model, x = nn.Sequential(nn.Linear(8, 8), PlainLayerNorm(8)).eval(), torch.randn(2, 8)
+    real = check_module.compare_outputs
+    monkeypatch.setattr(convert_module, "compare_outputs",
+                        lambda ref, new, **kw: real(ref, new + 1, **kw))  # as if the conversion were off by 1
+
+    with pytest.raises(VerificationError, match="^the converted model differs from the original by 1") as info:
+        convert_norms(model, (x,), to="native", inplace=False)
+    assert info.value.report.checks[0].label == "exact conversions vs original" and not info.value.report.passed

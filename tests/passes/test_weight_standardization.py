@@ -120,6 +120,16 @@ def test_a_weight_standardized_conv_no_plain_conv_can_replace_is_kept_with_the_r
     assert not report.changes and type(report.model[0]) is type(layer)
 
 
+def test_a_model_that_is_itself_a_standardized_conv_is_kept_with_the_reason() -> None:
+    layer = StdConv2d(3, 4, 3).eval()
+
+    report = bake_weight_standardization(layer, (torch.randn(1, 3, 8, 8),), inplace=True)
+
+    assert report.changes == [] and report.model is layer
+    assert [(s.module, s.reason) for s in report.skipped] == [("", SkipReason.UNSUPPORTED_STRUCTURE)]
+    assert "nn.Sequential(model)" in report.skipped[0].detail
+
+
 def test_a_hooked_layer_is_kept_because_replacing_it_would_drop_the_hook() -> None:
     model = nn.Sequential(StdConv2d(3, 4, 3)).eval()
     model[0].register_forward_hook(lambda module, args, output: None)
