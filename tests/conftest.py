@@ -6,6 +6,7 @@ in tests/helpers.py, which tests import.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, CliResult, invoke_cli
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores: torch's default (one thread per
+    core in every worker) oversubscribes them, and its spinning threads then slow a test ~10x."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the CLI subprocesses a test starts
 
 
 @pytest.fixture
