@@ -224,3 +224,20 @@ def test_a_batchnorm_act_also_held_in_a_closure_becomes_its_activation_there_too
     assert type(model.bn) is nn.SiLU and "bn.running_mean" not in model.state_dict()
     with torch.no_grad():
         torch.testing.assert_close(model(fresh), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_b0", "fastvit_t8"])
+def test_timm_export_ships_no_more_batchnormalization_nodes_than_the_fold_leaves(name: str, tmp_path) -> None:
+    """The ONNX carries what the module fold leaves (0 here; timm's own tools leave 49 and 10), and matches in onnxruntime."""
+    import onnx
+
+    from normsurgeon.onnx.export import export_onnx
+
+    model, x = _build(name)
+    left = _bns(fold_batchnorm(model, (x,), inplace=False).model)
+
+    report = export_onnx(model, (x,), tmp_path / "m.onnx")
+
+    ops = [node.op_type for node in onnx.load(tmp_path / "m.onnx").graph.node]
+    assert report.passed and ops.count("BatchNormalization") <= left == 0
