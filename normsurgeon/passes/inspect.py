@@ -2,7 +2,8 @@
 
 Nothing is changed: a model with layers in training mode is traced on a copy (a train-mode BatchNorm
 would update its running statistics). What can be done comes from the passes' own planning — the
-BatchNorm fold plan of :mod:`.fold_batchnorm`, the affine fold plan of :mod:`.fold_norm_affine`, the
+BatchNorm fold plan of :mod:`.fold_batchnorm` (after the branch merges of :mod:`.reparameterize`, which
+``fold`` runs first), the affine fold plan of :mod:`.fold_norm_affine`, the
 conversion rules of :mod:`.convert_rules` and the residual-stream check of :mod:`.convert_centring` —
 so inspect never promises what a pass would refuse.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..dataflow import Refusal
+from ..pipeline import Edit, PassContext
 from ..placement import Where, place_norms
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recognize_norms
 from ..report import Report
@@ -27,6 +29,7 @@ from .convert_rules import find_rule
 from .fold_batchnorm import plan_batchnorm_fold
 from .fold_norm_affine import plan_affine_fold
 from .param_groups import find_scale_invariant
+from .reparameterize import FormReader, plan_sites
 
 
 @dataclass
@@ -83,9 +86,13 @@ def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectRepo
     shared = shared_parameter_ids(model)
     exact_rms = _exact_rmsnorm(flow, recognition, where, shared, model, example_inputs)
     invariant = find_scale_invariant(model, flow)
+    merged = merged_norms(model, flow)
     for info in recognition.norms:
         row = _row(info, where[info.module], info.path in training)
-        _fold_options(flow, info, shared, row)
+        if info.module in merged:
+            row.can.append(merged[info.module])
+        else:
+            _fold_options(flow, info, shared, row)
         _convert_options(info, exact_rms, row)
         row.hazards.extend(hazards(info, training=row.training))
         if row.training:  # weight decay is a training matter: no hazard for a model being deployed
@@ -114,6 +121,19 @@ def _standardized(path: str, found: StandardizedConv) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------- what can be done
+
+
+def merged_norms(model: nn.Module, flow: Trace) -> dict[nn.Module, str]:
+    """BatchNorm module -> how ``fold``'s reparameterize step merges it away with its branch (from the pass's plan)."""
+    ctx = PassContext(model, None)
+    ctx.__dict__["flow"] = flow  # PassContext.flow is cached: plan on the trace inspect already has
+    merged = {}
+    for site, planned in plan_sites(ctx, FormReader(flow)):
+        if isinstance(planned, Edit):
+            for norm in site.norms:
+                merged[norm] = (f"merged with its branch into one conv at {planned.path} (fold reparameterizes "
+                                f"first: {planned.plan.detail}): normsurgeon fold")
+    return merged
 
 
 def _fold_options(flow: Trace, info: NormInfo, shared: set[int], row: NormRow) -> None:

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..check import compare_outputs
 from ..dataflow import Refusal, describe, is_passthrough
+from ..inputs import InputsLike
 from ..maths import batchnorm_scale_shift, pad_kernel, regroup_kernel
 from ..norms import is_batchnorm_like, split_batchnorm_act
 from ..pipeline import Edit, ModulePass, PassContext, run
@@ -209,6 +210,11 @@ class Site:
     @property
     def nodes(self) -> tuple[Node, ...]:
         return (*self.form.nodes, *([self.end] if self.end is not None else []))
+
+    @property
+    def norms(self) -> list[nn.Module]:
+        """The BatchNorm(-like) modules the merge takes away (their act, if any, stays)."""
+        return [n.module for n in self.nodes if n.kind == "module" and is_batchnorm_like(n.module)]
 
 
 class FormReader:
@@ -443,6 +449,19 @@ def plan_site(ctx: PassContext, site: Site, paths: dict[str, nn.Module]) -> Edit
                   "(then the layers after it) on a probe input")
 
 
+def plan_sites(ctx: PassContext, reader: FormReader) -> Iterator[tuple[Site, Edit | Skip]]:
+    """Each site ``reader`` found, with where it is replaced (an :class:`Edit`) or why not (a :class:`Skip`).
+
+    The pass's planning, public so that ``inspect`` says which norms ``fold`` merges away.
+    """
+    paths = {path: module for module, path in ctx.flow.module_paths.items()}
+    for site in reader.sites():
+        try:
+            yield site, plan_site(ctx, site, paths)
+        except Refusal as refusal:
+            yield site, refusal.skip(_where(site.nodes))
+
+
 def _check_removable(ctx: PassContext, node: Node) -> None:
     module, path = node.module, node.name
     if id(module) not in ctx.parents:  # taken out of the model by an earlier pass of the run
@@ -502,7 +521,7 @@ def _behaves_as(container: nn.Module, replacement: nn.Module, shape: tuple[int, 
 def _describe(site: Site, conv: nn.Module) -> str:
     """``3 branches (conv 3x3, conv 1x1, identity) and 3 BatchNorm(s) -> one Conv2d 3x3``."""
     kernel = "x".join(map(str, conv.kernel_size))
-    norms = sum(1 for n in site.nodes if n.kind == "module" and is_batchnorm_like(n.module))
+    norms = len(site.norms)
     counts = Counter(t.label for t in site.form.terms)
     branches = ", ".join(label + (f" x{n}" if n > 1 else "") for label, n in counts.items())
     act = f", then its {type(site.act).__name__}" if site.act is not None else ""
@@ -524,12 +543,7 @@ class Reparameterize(ModulePass):
 
     def plan(self, ctx: PassContext) -> Iterator[Edit | Skip]:
         reader = FormReader(ctx.flow)
-        paths = {path: module for module, path in ctx.flow.module_paths.items()}
-        for site in reader.sites():
-            try:
-                yield plan_site(ctx, site, paths)
-            except Refusal as refusal:
-                yield refusal.skip(_where(site.nodes))
+        yield from (planned for _, planned in plan_sites(ctx, reader))
         for nodes, detail in reader.unmergeable:
             yield Skip(_where(nodes), SkipReason.BRANCHES_NOT_MERGEABLE, detail)
 
@@ -558,7 +572,7 @@ def _where(nodes: list[Node] | tuple[Node, ...]) -> str:
     return ".".join(_common_parent(nodes)) or "(the model)"
 
 
-def reparameterize(model: nn.Module, example_inputs: tuple | dict, *, inplace: bool = False,
+def reparameterize(model: nn.Module, example_inputs: InputsLike, *, inplace: bool = False,
                    atol: float | None = None, rtol: float | None = None) -> Report:
     """Merge every sum of parallel linear branches of ``model`` into one conv; return the report.
 

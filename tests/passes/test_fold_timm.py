@@ -124,6 +124,35 @@ def test_inspect_offers_to_fold_exactly_the_norms_fold_folds() -> None:
     assert all(row.evidence.endswith("followed by its ReLU") for row in rows if row.cls == "BatchNormAct2d")
 
 
+def _repvgg_blocks() -> tuple[nn.Module, torch.Tensor]:
+    """A conv+BN stem, then RepVGG blocks with (8 -> 8) and without (8 -> 16, stride 2) an identity BN."""
+    from tests.passes.test_reparameterize import RepBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), RepBlock(8, 8),
+                          RepBlock(8, 16, stride=2))
+    x = torch.randn(*SHAPE)
+    return give_realistic_stats(model, x), x
+
+
+@pytest.mark.parametrize("build, merged", [(_repvgg_blocks, 5), (lambda: _build("repvgg_a0"), 61)],
+                         ids=["hand-built", "repvgg_a0"])
+def test_inspect_offers_to_merge_or_fold_exactly_the_norms_fold_removes(build, merged) -> None:
+    """fold reparameterizes first: inspect says which branch BNs that merges away (from the same plan)."""
+    from normsurgeon.passes.inspect import inspect_norms
+
+    model, x = build()
+    rows = inspect_norms(model, (x,)).norms
+    report = fold_batchnorm(model, (x,), inplace=False)
+
+    kept = {path for path, m in report.model.named_modules() if is_batchnorm_like(m)}
+    removed = {path for path, m in model.named_modules() if is_batchnorm_like(m)} - kept
+    offered = {row.path for row in rows if any(c.startswith(("fold into", "merged with")) for c in row.can)}
+    said_merged = [row for row in rows if any(c.startswith("merged with its branch") for c in row.can)]
+    assert report.passed and offered == removed and len(said_merged) == merged
+    assert all("fold reparameterizes first" in row.can[0] for row in said_merged)
+
+
 def test_recalibrate_updates_batchnorm_act_with_its_dropout_off() -> None:
     """Only the norm part runs on batch statistics: a dropout inside the module would make the BNs after it
     see different (random) inputs, so two recalibrations would disagree."""
