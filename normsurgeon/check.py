@@ -16,6 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .errors import PreconditionError, VerificationError
+from .inputs import InputsLike
 from .report import Check, OutputDiff
 from .trace import METADATA_READS, call_model, function_name, map_leaves
 
@@ -131,7 +132,7 @@ def within_rounding_noise(check: Check, noise: float | None,
                     f"rounding noise is {noise:.3g} (its outputs vs the same model in float64): accepted as rounding")
 
 
-def rounding_noise(model: torch.nn.Module, example_inputs: tuple | dict, outputs: Any) -> float | None:
+def rounding_noise(model: torch.nn.Module, example_inputs: InputsLike, outputs: Any) -> float | None:
     """How far ``outputs`` of a float32/16 model are from the same model run in float64.
 
     Deep networks amplify one-ulp weight changes: a fold that is exact in float64 can move a

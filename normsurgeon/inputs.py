@@ -88,7 +88,7 @@ class ExampleInputs:
             return self
         return self.to(device=reference.device, dtype=reference.dtype)
 
-    def plain(self) -> tuple | dict:
+    def plain(self) -> PlainInputs:
         """The tuple or the dict the user would pass, for code that takes one of them (both: refused)."""
         if self.args and self.kwargs:
             raise UsageError("these example inputs have both positional and keyword arguments; pass one kind "
@@ -98,3 +98,6 @@ class ExampleInputs:
 
 InputsLike = Union[ExampleInputs, tuple, list, dict]
 """What public functions accept as example inputs: coerced with :meth:`ExampleInputs.of`."""
+
+PlainInputs = Union[tuple, dict]
+"""One kind of arguments, as :meth:`ExampleInputs.plain` gives them: the pytree torch.export and data batches use."""

@@ -20,16 +20,17 @@ import reprlib
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import LoadError, UsageError, first_line
+from ..inputs import PlainInputs
 from ..trace import call_model
 from ..walk import check_nesting
 
-Batch = Union[tuple, dict]
+Batch = PlainInputs  # a batch of data: the tuple or dict of arguments the model is called with
 DATA_SUFFIXES = (".pt", ".pth", ".npz")
 
 

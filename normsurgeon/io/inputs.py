@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..inputs import ExampleInputs
+from ..inputs import ExampleInputs, InputsLike, PlainInputs
 from ..walk import check_nesting
 
 _DTYPES = {
@@ -76,7 +76,7 @@ def _smallest_vocabulary(model: nn.Module) -> int:
     return min(sizes) if sizes else 2
 
 
-def to_model_dtype_and_device(inputs: tuple | dict, model: nn.Module) -> tuple | dict:
+def to_model_dtype_and_device(inputs: InputsLike, model: nn.Module) -> PlainInputs:
     """A tuple or dict of inputs on the model's device, floats in its floating dtype (for data batches)."""
     return ExampleInputs.of(inputs).like(model).plain()
 

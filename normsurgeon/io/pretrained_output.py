@@ -32,6 +32,7 @@ from torch import nn
 from normsurgeon.errors import OutputError
 
 from ..check import compare_outputs
+from ..inputs import InputsLike
 from ..report import Check, Report
 from ..trace import call_model
 from .huggingface import offline, quiet_transformers
@@ -73,7 +74,7 @@ def output_target(output: Path | None, loaded_form: str, default: Path, *, force
     return OutputTarget(path, False, default, output is not None)
 
 
-def write_model(report: Report, example_inputs: tuple | dict, target: OutputTarget, *, force: bool,
+def write_model(report: Report, example_inputs: InputsLike, target: OutputTarget, *, force: bool,
                 protect: list[Path]) -> Path:
     """Write ``report.model`` to ``target``; returns the path written.
 
@@ -110,7 +111,7 @@ def check_directory_target(path: Path, *, force: bool, protect: list[Path]) -> N
                               "with -o")
 
 
-def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: tuple | dict, *, force: bool,
+def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: InputsLike, *, force: bool,
                             protect: list[Path]) -> Check:
     """``model.save_pretrained(path)``, proven by reloading it: returns the check, or raises DoesNotRoundTrip."""
     check_directory_target(path, force=force, protect=protect)
@@ -168,7 +169,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach().cpu(), b.detach().cpu())
 
 
-def _outputs_check(model: nn.Module, reloaded: nn.Module, example_inputs: tuple | dict) -> Check:
+def _outputs_check(model: nn.Module, reloaded: nn.Module, example_inputs: InputsLike) -> Check:
     reloaded.to(next(model.parameters()).device)
     with torch.no_grad():
         want: Any = call_model(model, example_inputs)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from ..errors import ExportError, UsageError
+from ..inputs import InputsLike, PlainInputs
 from ..surgery import eval_mode
 from ..trace import call_model
 
@@ -89,7 +90,7 @@ def parse_dynamic(specs: Iterable[str], *, defaults: bool = False) -> Dynamic:
     return Dynamic(defaults=defaults, named=named)
 
 
-def signature_order(model: nn.Module, inputs: tuple | dict) -> tuple | dict:
+def signature_order(model: nn.Module, inputs: PlainInputs) -> PlainInputs:
     """Keyword inputs in ``forward()``'s parameter order: the order torch.export gives the graph's inputs."""
     if not isinstance(inputs, dict):
         return inputs
@@ -97,7 +98,7 @@ def signature_order(model: nn.Module, inputs: tuple | dict) -> tuple | dict:
     return dict(sorted(inputs.items(), key=lambda item: order.get(item[0], len(order))))
 
 
-def input_names(model: nn.Module, inputs: tuple | dict) -> list[str]:
+def input_names(model: nn.Module, inputs: PlainInputs) -> list[str]:
     """The name of every pytree leaf of ``inputs`` (tensors and baked-in values), in pytree order."""
     if isinstance(inputs, dict):
         tops = list(inputs.items())
@@ -111,7 +112,7 @@ def input_names(model: nn.Module, inputs: tuple | dict) -> list[str]:
     return names
 
 
-def resolve_axes(model: nn.Module, inputs: tuple | dict, dynamic: Dynamic) -> tuple[Axis, ...]:
+def resolve_axes(model: nn.Module, inputs: PlainInputs, dynamic: Dynamic) -> tuple[Axis, ...]:
     """The axes ``dynamic`` asks for on these inputs; a UsageError for a name, dim or symbol that does not fit."""
     if dynamic.batch and (dynamic.defaults or dynamic.named):
         raise UsageError("give --dynamic/--dynamic-axis or --dynamic-batch, not both "
@@ -149,7 +150,7 @@ def default_axes(name: str, tensor: torch.Tensor) -> dict[int, str]:
     return {0: BATCH}
 
 
-def export_dynamic_shapes(inputs: tuple | dict, axes: Sequence[Axis]) -> tuple | dict:
+def export_dynamic_shapes(inputs: PlainInputs, axes: Sequence[Axis]) -> PlainInputs:
     """``dynamic_shapes`` for torch.export: one ``Dim`` per symbol, on every axis that carries it."""
     dims = {axis.symbol: torch.export.Dim(axis.symbol) for axis in axes}
     leaves, spec = tree_flatten(inputs)
@@ -159,7 +160,7 @@ def export_dynamic_shapes(inputs: tuple | dict, axes: Sequence[Axis]) -> tuple |
     return tree_unflatten(shapes, spec)
 
 
-def axis_sizes(inputs: tuple | dict, axes: Sequence[Axis]) -> dict[str, int]:
+def axis_sizes(inputs: PlainInputs, axes: Sequence[Axis]) -> dict[str, int]:
     """Symbol -> its size in ``inputs`` (the first axis carrying it), in the axes' order."""
     leaves = tree_flatten(inputs)[0]
     sizes: dict[str, int] = {}
@@ -168,7 +169,7 @@ def axis_sizes(inputs: tuple | dict, axes: Sequence[Axis]) -> dict[str, int]:
     return sizes
 
 
-def widened(inputs: tuple | dict, axes: Sequence[Axis]) -> tuple[tuple | dict, list[str]]:
+def widened(inputs: PlainInputs, axes: Sequence[Axis]) -> tuple[PlainInputs, list[str]]:
     """The example torch.export traces: every size-1 dynamic axis repeated to 2; and the symbols widened."""
     ones = [symbol for symbol, size in axis_sizes(inputs, axes).items() if size == 1]
     if not ones:
@@ -191,7 +192,7 @@ def other_size(symbol: str, size: int) -> int:
     return size // 2 - 1 if size >= 6 else size + 2
 
 
-def verification_inputs(inputs: tuple | dict, axes: Sequence[Axis], *, seed: int = 1) -> list[tuple | dict]:
+def verification_inputs(inputs: PlainInputs, axes: Sequence[Axis], *, seed: int = 1) -> list[PlainInputs]:
     """Fresh inputs with every dynamic axis at its :func:`other_size` (none without axes)."""
     if not axes:
         return []
@@ -200,9 +201,9 @@ def verification_inputs(inputs: tuple | dict, axes: Sequence[Axis], *, seed: int
 
 
 def resized(
-    inputs: tuple | dict, axes: Sequence[Axis], sizes: Mapping[str, int], *, fresh: bool = True,
+    inputs: PlainInputs, axes: Sequence[Axis], sizes: Mapping[str, int], *, fresh: bool = True,
     generator: torch.Generator | None = None,
-) -> tuple | dict:
+) -> PlainInputs:
     """``inputs`` with the axes of the given symbols at the given sizes; other tensors unchanged.
 
     ``fresh``: new random values (floats with the tensor's mean and spread; integers and bools drawn
@@ -220,7 +221,7 @@ def resized(
     return tree_unflatten(leaves, spec)
 
 
-def runnable_axes(model: nn.Module, inputs: tuple | dict, axes: Sequence[Axis], notes: list[str]) -> tuple[Axis, ...]:
+def runnable_axes(model: nn.Module, inputs: PlainInputs, axes: Sequence[Axis], notes: list[str]) -> tuple[Axis, ...]:
     """The axes along which the model runs (in torch) at their :func:`other_size`.
 
     One forward pass with every axis at its other size; only when that fails, one per symbol, to name
@@ -245,7 +246,7 @@ def runnable_axes(model: nn.Module, inputs: tuple | dict, axes: Sequence[Axis], 
 
 
 def settle_axes(
-    program: torch.onnx.ONNXProgram, inputs: tuple | dict, axes: Sequence[Axis], notes: list[str]
+    program: torch.onnx.ONNXProgram, inputs: PlainInputs, axes: Sequence[Axis], notes: list[str]
 ) -> tuple[Axis, ...]:
     """The axes the exported graph kept symbolic, its symbolic dims renamed after them.
 
@@ -281,7 +282,7 @@ def describe_axes(axes: Sequence[Axis]) -> dict[str, dict[str, str]]:
     return described
 
 
-def _graph_inputs_by_leaf(model: ir.Model, inputs: tuple | dict, axes: Sequence[Axis]) -> dict[int, ir.Value]:
+def _graph_inputs_by_leaf(model: ir.Model, inputs: PlainInputs, axes: Sequence[Axis]) -> dict[int, ir.Value]:
     """Graph inputs by the pytree leaf they come from: the tensors, in order (by name if the counts differ)."""
     tensors = [i for i, leaf in enumerate(tree_flatten(inputs)[0]) if isinstance(leaf, torch.Tensor)]
     if len(tensors) == len(model.graph.inputs):
@@ -302,7 +303,7 @@ def _describe(axes: Sequence[tuple[Axis, str]]) -> str:
     return "; ".join(f"input {name!r} " + " and ".join(parts) for name, parts in by_input.items())
 
 
-def _run_error(model: nn.Module, inputs: tuple | dict) -> str | None:
+def _run_error(model: nn.Module, inputs: InputsLike) -> str | None:
     """Why the model fails on these inputs ("RuntimeError: ..."), or None when it runs."""
     try:
         with torch.no_grad(), eval_mode(model):

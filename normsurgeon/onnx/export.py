@@ -51,7 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ExportError, LoadError
-from ..inputs import ExampleInputs, InputsLike
+from ..inputs import ExampleInputs, InputsLike, PlainInputs
 from ..io.saving import named_temp, write_atomically
 from ..passes.registry import pre_export_passes
 from ..pipeline import run
@@ -204,7 +204,7 @@ def _as_dynamic(dynamic: Dynamic | bool | Mapping[str, Mapping[int, str]], batch
 
 
 def _export(
-    model: nn.Module, inputs: tuple | dict, opset: int, axes: Sequence[Axis], verbose: bool, report: Report
+    model: nn.Module, inputs: PlainInputs, opset: int, axes: Sequence[Axis], verbose: bool, report: Report
 ) -> tuple[torch.onnx.ONNXProgram, tuple[Axis, ...]]:
     """``torch.onnx.export`` (dynamo, optimized) and the dynamic axes the graph kept; failures become a
     one-line ExportError. The trace runs on the example widened along size-1 dynamic axes."""

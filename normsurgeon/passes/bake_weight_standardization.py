@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs
+from ..inputs import InputsLike
 from ..pipeline import Edit, ModulePass, PassContext, run
 from ..report import Action, Change, Check, Report, Skip, SkipReason
 from ..surgery import eval_mode, hooks_lost_by_replacing, replace_module
 from ..weight_standardization import StandardizedConv, find_standardization
 
 
-def bake_weight_standardization(model: nn.Module, example_inputs: tuple | dict | None, *, inplace: bool = False,
+def bake_weight_standardization(model: nn.Module, example_inputs: InputsLike | None, *, inplace: bool = False,
                                 atol: float | None = None, rtol: float | None = None,
                                 raise_on_mismatch: bool = True) -> Report:
     """Replace every weight-standardized conv of ``model`` by a plain conv with its standardized weight.

@@ -23,6 +23,7 @@ from torch import nn
 from ..check import compare_outputs, require_tensor_outputs
 from ..dataflow import Refusal
 from ..errors import PreconditionError, UsageError
+from ..inputs import InputsLike
 from ..pipeline import raise_if_failed
 from ..placement import place_norms
 from ..recognize import NormInfo, NormKind, Recognition, recognize_norms
@@ -56,7 +57,7 @@ def parse_target(name: str | NormKind) -> NormKind | None:
 
 def convert_norms(
     model: nn.Module,
-    example_inputs: tuple | dict,
+    example_inputs: InputsLike,
     *,
     to: Target | str,
     from_: NormKind | str | None = None,
@@ -130,7 +131,7 @@ def _select(recognition: Recognition, kind: NormKind | None, only: str | None, r
     return chosen
 
 
-def _plan_centring(model: nn.Module, example_inputs: tuple | dict, flow: Trace, recognition: Recognition,
+def _plan_centring(model: nn.Module, example_inputs: InputsLike, flow: Trace, recognition: Recognition,
                    selected: list[NormInfo], target: NormKind | None, shared: set[int], report: Report,
                    untie: bool) -> tuple[CentringPlan | None, list[NormInfo], dict[int, str]]:
     """LayerNorm -> RMSNorm by centring, for the LNs where the structure allows; the rest go on,
@@ -188,7 +189,7 @@ def _plan_items(infos: list[NormInfo], target: NormKind | None, report: Report,
     return items
 
 
-def _approximate_required(model: nn.Module, example_inputs: tuple | dict, inexact: list[_Item], **options) -> UsageError:
+def _approximate_required(model: nn.Module, example_inputs: InputsLike, inexact: list[_Item], **options) -> UsageError:
     """The error for an approximate conversion without ``approximate``, with the difference it would make."""
     trial = convert_norms(copy_model(model), example_inputs, approximate=True, **options)
     check = trial.checks[-1]
@@ -241,13 +242,13 @@ def _note_rounding(item: _Item, report: Report) -> None:
         report.notes.append(note)
 
 
-def _exact_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, atol: float | None, rtol: float | None):
+def _exact_check(flow: Trace, model: nn.Module, example_inputs: InputsLike, atol: float | None, rtol: float | None):
     with torch.no_grad():
         outputs = call_model(model, example_inputs)
     return compare_outputs(flow.outputs, outputs, atol=atol, rtol=rtol, label="exact conversions vs original")
 
 
-def _approximate_check(flow: Trace, model: nn.Module, example_inputs: tuple | dict, report: Report):
+def _approximate_check(flow: Trace, model: nn.Module, example_inputs: InputsLike, report: Report):
     with torch.no_grad():
         outputs = call_model(model, example_inputs)
     check = dataclasses.replace(compare_outputs(flow.outputs, outputs, atol=float("inf"), rtol=0.0,

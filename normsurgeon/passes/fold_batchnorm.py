@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..dataflow import Refusal, channel_axis, check_editable, describe, producer_targets, walk_down
+from ..inputs import InputsLike
 from ..maths import batchnorm_scale_shift, input_shift_contribution, scale_channels_
 from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, is_batchnorm_like, never_updated, split_batchnorm_act
@@ -63,7 +64,7 @@ class _FoldState:
 
 def fold_batchnorm(
     model: nn.Module,
-    example_inputs: tuple | dict,
+    example_inputs: InputsLike,
     *,
     inplace: bool = True,
     unfoldable: Literal["keep", "affine"] = "keep",
@@ -99,7 +100,7 @@ def fold_passes(*, unfoldable: Literal["keep", "affine"] = "keep", allow_default
     return Sequential(BakeWeightStandardization(), *([Reparameterize()] if reparameterize else []), fold)
 
 
-def run_fold(passes: Sequential, model: nn.Module, example_inputs: tuple | dict, **options: Any) -> Report:
+def run_fold(passes: Sequential, model: nn.Module, example_inputs: InputsLike, **options: Any) -> Report:
     """:func:`~normsurgeon.pipeline.run` for a fold pipeline: the report is named ``fold`` whatever runs first."""
     report = run(passes, model, example_inputs, **options)
     report.pass_name = FoldBatchNorm.report_name

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..dataflow import Refusal, check_editable, describe, is_passthrough, walk_down
+from ..inputs import InputsLike
 from ..layout import is_layout_op
 from ..maths import input_shift_contribution, scale_channels_
 from ..pipeline import Edit, ModulePass, PassContext, run
@@ -39,7 +40,7 @@ _FOLDABLE_KINDS = (NormKind.LAYERNORM, NormKind.RMSNORM)
 
 def fold_norm_affines(
     model: nn.Module,
-    example_inputs: tuple | dict,
+    example_inputs: InputsLike,
     *,
     inplace: bool = True,
     atol: float | None = None,

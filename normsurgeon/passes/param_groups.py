@@ -29,6 +29,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ..dataflow import walk_down
+from ..inputs import InputsLike
 from ..modules import MeanOnlyBatchNorm
 from ..report import Change, Report
 from ..surgery import eval_mode, weight_norm_sites
@@ -80,7 +81,7 @@ def param_groups(
     model: nn.Module,
     weight_decay: float,
     *,
-    example_inputs: tuple | dict | None = None,
+    example_inputs: InputsLike | None = None,
     exempt_scale_invariant: bool = False,
     norm_decay: float = 0.0,
 ) -> ParamGroups:

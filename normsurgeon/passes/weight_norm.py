@@ -34,6 +34,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..check import compare_outputs
 from ..errors import UsageError
+from ..inputs import InputsLike
 from ..io.data import Batch, check_fits, load_batches, to_model
 from ..pipeline import Edit, ModulePass, PassContext, raise_if_failed, run
 from ..report import Change, Check, Report, Skip, SkipReason
@@ -108,7 +109,7 @@ def apply_weight_norm(
     *,
     init_data: Any = None,
     mean_only_bn: bool = False,
-    example_inputs: tuple | dict | None = None,
+    example_inputs: InputsLike | None = None,
     layer_types: Iterable[type | str] = SUPPORTED_LAYER_TYPES,
     trust_pickle: bool = False,
     atol: float | None = None,
@@ -148,7 +149,7 @@ def apply_weight_norm(
     return report
 
 
-def _trace(model: nn.Module, inputs: tuple | dict | None, init_batches: list[Batch]) -> Trace | None:
+def _trace(model: nn.Module, inputs: InputsLike | None, init_batches: list[Batch]) -> Trace | None:
     if inputs is None:
         return None
     with eval_mode(model):
@@ -220,7 +221,7 @@ def _apply_detail(module: nn.Module, dim: int, zeros: int) -> str:
     return detail
 
 
-def _exactness(model: nn.Module, flow: Trace | None, inputs: Any, before: dict | None,
+def _exactness(model: nn.Module, flow: Trace | None, inputs: InputsLike | None, before: dict | None,
                atol: float | None, rtol: float | None, label: str):
     """Outputs against the original's on the inputs, or, without inputs, every weight against the old one."""
     if flow is not None:
@@ -254,7 +255,7 @@ def _loading_note(mean_only_bn: bool, types: tuple[type, ...]) -> str:
 def remove_weight_norm(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     *,
-    example_inputs: tuple | dict | None = None,
+    example_inputs: InputsLike | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     raise_on_mismatch: bool = True,
