@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..dataflow import Refusal
+from ..inputs import InputsLike
 from ..pipeline import Edit, PassContext
 from ..placement import Where, place_norms
 from ..recognize import BATCHNORM_FAMILY, NormInfo, NormKind, Recognition, recognize_norms
@@ -73,7 +74,7 @@ class InspectReport(Report):
                 "unrecognized": list(self.unrecognized), **standardized}
 
 
-def inspect_norms(model: nn.Module, example_inputs: tuple | dict) -> InspectReport:
+def inspect_norms(model: nn.Module, example_inputs: InputsLike) -> InspectReport:
     """Describe every norm layer of ``model`` as it runs on ``example_inputs``; changes nothing."""
     training = {path for path, m in model.named_modules() if m.training}
     if training:  # trace an eval-mode copy: a train-mode BatchNorm would update its statistics (or
@@ -183,7 +184,7 @@ def _convert_options(info: NormInfo, exact_rms: dict[nn.Module, str], row: NormR
 
 
 def _exact_rmsnorm(flow: Trace, recognition: Recognition, where: dict[nn.Module, Where], shared: set[int],
-                   model: nn.Module, example_inputs: tuple | dict) -> dict[nn.Module, str]:
+                   model: nn.Module, example_inputs: InputsLike) -> dict[nn.Module, str]:
     """LayerNorm module -> '' when LN->RMSNorm is exact by centring, else why not."""
     lns = [i for i in recognition.norms if i.kind is NormKind.LAYERNORM]
     if not lns:
