@@ -18,12 +18,11 @@ import torch
 from torch import fx
 
 from ..check import compare_outputs
-from ..errors import PreconditionError, UsageError
+from ..errors import PreconditionError, UsageError, first_line
 from ..inputs import ExampleInputs, InputsLike
 from ..maths import batchnorm_scale_shift, scale_channels_
 from ..pipeline import PassContext
 from ..report import Change, Check, Report, Skip, SkipReason
-from ..trace import first_line
 from .fold_batchnorm import FoldBatchNorm
 
 _aten = torch.ops.aten
@@ -87,7 +86,7 @@ def _run(program: torch.export.ExportedProgram, inputs: ExampleInputs) -> Any:
             found = [tuple(t.shape) for t in (*stored[0], *stored[1].values()) if isinstance(t, torch.Tensor)]
             shapes = f"; it was exported for inputs of shape {', '.join(map(str, found))}" if found else ""
         raise PreconditionError(
-            f"the .pt2 program does not run on the example inputs ({type(exc).__name__}: {first_line(exc)}){shapes}; "
+            f"the .pt2 program does not run on the example inputs ({first_line(exc, named=True)}){shapes}; "
             "pass --input-shape/--inputs it accepts, or re-export it with dynamic shapes"
         ) from exc
 
