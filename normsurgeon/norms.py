@@ -74,14 +74,7 @@ def batchnorm_stats(module: nn.Module, input_shape: tuple[int, ...] | None = Non
         return _torch_batchnorm_stats(module)
     if isinstance(module, MeanOnlyBatchNorm):
         return _mean_only_stats(module)
-    stats = BatchNormStats(
-        mean=module.running_mean,
-        var=module.running_var,
-        eps=float(getattr(module, "eps", 1e-5)),
-        weight=module.weight,
-        bias=module.bias,
-    )
-    _check_finite(stats)
+    stats = _frozen_stats(module)
     if input_shape is None or not _matches_formula(module, stats, input_shape):
         raise Refusal(
             SkipReason.UNKNOWN_BEHAVIOUR,

@@ -57,16 +57,20 @@ def module_parents(model: nn.Module) -> ParentIndex:
     return index
 
 
-def turn_into_identity(module: nn.Module) -> None:
-    """Make ``module`` itself a fresh ``nn.Identity`` (no parameters, buffers or hooks).
+def turn_into(module: nn.Module, replacement: nn.Module | None = None) -> None:
+    """Make ``module`` itself a fresh ``nn.Identity``, or an ``nn.Sequential`` holding only ``replacement``
+    (no parameters, buffers or hooks of its own).
 
     For references to a removed module that :func:`replace_module` cannot reach (a Python list,
-    a closure, a ``functools.partial`` the model keeps): the object they hold now computes x -> x.
+    a closure, a ``functools.partial`` the model keeps): the object they hold now computes x -> x,
+    or what ``replacement`` computes.
     """
     training = module.training
     module.__dict__.clear()
-    module.__class__ = nn.Identity
+    module.__class__ = nn.Identity if replacement is None else nn.Sequential
     nn.Module.__init__(module)
+    if replacement is not None:
+        module.add_module("0", replacement)
     module.training = training
 
 
@@ -90,7 +94,7 @@ def shared_parameter_ids(model: nn.Module) -> set[int]:
     seen = registrations(module_graph(model))
     shared = {key for key, count in seen.items() if count > 1}
     spans = sorted(
-        (str(t.device), t.data_ptr(), t.data_ptr() + _byte_extent(t), id(t))
+        (str(t.device), t.data_ptr(), t.data_ptr() + byte_extent(t), id(t))
         for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
         if not isinstance(t, nn.parameter.UninitializedTensorMixin) and not t.is_meta and t.numel()
     )
@@ -111,7 +115,7 @@ def shared_parameter_ids(model: nn.Module) -> set[int]:
     return shared
 
 
-def _byte_extent(t: torch.Tensor) -> int:
+def byte_extent(t: torch.Tensor) -> int:
     """Bytes from a tensor's first element to the end of its last one (views may have gaps)."""
     last = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
     return (last + 1) * t.element_size()

@@ -34,7 +34,7 @@ from ..layout import is_layout_op
 from ..placement import Placement, Where
 from ..recognize import NormInfo, NormKind, Recognition
 from ..report import Action, Change, SkipReason
-from ..surgery import editable_weight, shared_parameter_ids
+from ..surgery import byte_extent, editable_weight, shared_parameter_ids
 from ..inputs import InputsLike
 from ..trace import Node, Trace, Value, call_model, is_atomic
 from .convert_stream import Scale, Scales, Stream, Writer, find_streams, keeps_values
@@ -318,7 +318,7 @@ def _holders(flow: Trace, owner: nn.Module, name: str) -> str:
 
 
 def _end(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    return tensor.data_ptr() + byte_extent(tensor)
 
 
 # ------------------------------------------------------------------------------- edits

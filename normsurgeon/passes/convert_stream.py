@@ -25,7 +25,6 @@ norm's output, the model's input) records why its stream cannot be centred; othe
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -115,12 +114,9 @@ def find_streams(flow: Trace, calls: list[Node]) -> dict[Node, Stream]:
     return walker.merged(starts)
 
 
-def keeps_values(node: Node, probe: Callable[[Node], bool] | None = None) -> bool:
-    """An op that hands its input on unchanged in eval mode: passthrough ops, ``F.dropout(training=False)``,
-    and (with ``probe``) a leaf module that ``probe`` finds returns its input."""
-    if is_passthrough(node) or _is_eval_dropout(node):
-        return True
-    return probe is not None and node.kind == "module" and probe(node)
+def keeps_values(node: Node) -> bool:
+    """An op that hands its input on unchanged in eval mode: passthrough ops and ``F.dropout(training=False)``."""
+    return is_passthrough(node) or _is_eval_dropout(node)
 
 
 def _is_eval_dropout(node: Node) -> bool:

@@ -35,7 +35,7 @@ from ..modules import BIAS_AFTER_CONV_TRANSPOSE, ChannelAffine
 from ..norms import BatchNormStats, is_batchnorm_like, never_updated, split_batchnorm_act
 from ..pipeline import Edit, ModulePass, PassContext, Sequential, run
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import editable_weight, ensure_bias, hooks_lost_by_replacing, replace_module, turn_into_identity
+from ..surgery import editable_weight, ensure_bias, hooks_lost_by_replacing, replace_module, turn_into
 from ..trace import Node, Trace
 from .bake_weight_standardization import BakeWeightStandardization
 from .reparameterize import Reparameterize
@@ -184,7 +184,7 @@ class FoldBatchNorm(ModulePass):
             return outputs
         for bn in dict.fromkeys(stale):
             path, act = removed[bn]
-            _become(bn, act)
+            turn_into(bn, None if _is_identity(act) else act)  # a stale reference to the folded BN
             report.notes.append(f"{path} is also called through a reference outside the module tree (a list, "
                                 f"closure or partial): that object was turned into {_replacement_name(act)} as well")
         return ctx.forward()
@@ -384,14 +384,3 @@ def _replacement_name(act: nn.Module) -> str:
     return "an nn.Identity" if _is_identity(act) else f"its {norm_label(act).removeprefix('BatchNorm+')}"
 
 
-def _become(module: nn.Module, replacement: nn.Module) -> None:
-    """Make ``module`` itself compute what ``replacement`` does (a stale reference to a folded BN)."""
-    if _is_identity(replacement):
-        turn_into_identity(module)
-        return
-    training = module.training
-    module.__dict__.clear()
-    module.__class__ = nn.Sequential
-    nn.Module.__init__(module)
-    module.add_module("0", replacement)
-    module.training = training
