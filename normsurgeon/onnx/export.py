@@ -145,6 +145,7 @@ def export_onnx(
         report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
         if axes:
             report.facts["dynamic_axes"] = describe_axes(kept)
+        if kept:  # every axis asked for may have been kept static (noted): then only the example's sizes ran
             report.facts["sizes_verified"] = verified.facts["sizes_verified"]
 
     _write_with_data_cleanup(path, write, force=force, protect=protect)

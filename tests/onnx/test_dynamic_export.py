@@ -247,6 +247,19 @@ def test_a_default_axis_the_model_fixes_stays_static_with_a_note(tmp_path):
             "(torch.export specialised it)") in report.notes
 
 
+class BranchesOnTwo(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] == 2 else x
+
+
+def test_when_every_default_axis_stays_static_the_export_is_verified_at_the_example_sizes(tmp_path):
+    """Every axis noted static: no other sizes to verify (a KeyError on the missing sizes_verified before)."""
+    report = export_onnx(BranchesOnTwo().eval(), (torch.randn(2, 4),), tmp_path / "b.onnx", dynamic=True)
+
+    assert report.passed and report.facts["dynamic_axes"] == {} and "sizes_verified" not in report.facts
+    assert any(n.startswith("kept static") for n in report.notes)
+
+
 def test_an_axis_asked_for_by_name_that_the_model_fixes_is_an_error_naming_it(tmp_path):
     with pytest.raises(ExportError) as info:
         export_onnx(PoolsToOne().eval(), {"pixel_values": torch.randn(2, 3, 8, 8)}, tmp_path / "p.onnx",
