@@ -165,6 +165,22 @@ ONE_PLUS_WEIGHT = {
 }
 
 
+@pytest.mark.parametrize("norm, to", [(lambda: OnePlusWeightRMSNorm(16), "layernorm"),
+                                       (lambda: LayerNorm1P(16), "rmsnorm")])
+def test_an_approximate_conversion_keeps_the_one_plus_weight_scale(norm, to):
+    """The new layer's weight is the scale the norm applied (1 + w), as for --to native, not the stored offset."""
+    from normsurgeon.passes.convert import convert_norms
+
+    layer = norm()
+    with torch.no_grad():
+        layer.weight.uniform_(-0.5, 0.5)
+    model = nn.Sequential(nn.Linear(16, 16), layer).eval()
+
+    report = convert_norms(model, (torch.randn(4, 16),), to=to, approximate=True, inplace=False)
+
+    torch.testing.assert_close(report.model[1].weight, layer.weight.detach() + 1, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("case", ONE_PLUS_WEIGHT, ids=list(ONE_PLUS_WEIGHT))
 def test_a_norm_scaling_by_one_plus_its_weight_is_recognised_with_its_offset(case):
     build, kind = ONE_PLUS_WEIGHT[case]

@@ -136,7 +136,7 @@ def apply_centring(model: nn.Module, flow: Trace, plan: CentringPlan) -> Centrin
             norms.append((info, _rmsnorm(info, None),
                           "exact on the centred residual stream, affine folded into its consumers"))
         elif info.bias is None or not bool(info.bias.detach().any()):
-            norms.append((info, _rmsnorm(info, info.weight), "exact on the centred residual stream"))
+            norms.append((info, _rmsnorm(info, info.scale()), "exact on the centred residual stream"))
         else:
             norms.append((info, None,
                           f"its bias cannot be folded ({why}); kept as LayerNorm, exact on the centred stream"))

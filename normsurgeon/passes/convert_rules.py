@@ -237,7 +237,7 @@ def _batchnorm_to_layer(info: NormInfo) -> nn.Module:
 def _rms_to_layer(info: NormInfo) -> nn.Module:
     new = nn.LayerNorm(info.normalized_shape, eps=info.eps, elementwise_affine=info.weight is not None or info.bias is not None,
                        bias=info.bias is not None, **_factory(info))
-    _copy(new.weight, info.weight, 1.0)
+    _copy(new.weight, info.scale(), 1.0)  # weight + scale_offset, as _native_layernorm
     _copy(new.bias, info.bias)
     return new
 
@@ -250,7 +250,7 @@ def _layer_to_rms(info: NormInfo) -> nn.Module:
     if len(info.normalized_shape) != 1:
         raise Refusal(SkipReason.NO_CONVERSION, "nn.RMSNorm here would normalize several dims")
     new = nn.RMSNorm(info.normalized_shape, eps=info.eps, elementwise_affine=info.weight is not None, **_factory(info))
-    _copy(new.weight, info.weight)
+    _copy(new.weight, info.scale())  # weight + scale_offset, as _native_rmsnorm
     return new
 
 
