@@ -11,6 +11,7 @@ This module sits at the bottom of the import graph (torch, :mod:`normsurgeon.err
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
@@ -101,3 +102,11 @@ InputsLike = Union[ExampleInputs, tuple, list, dict]
 
 PlainInputs = Union[tuple, dict]
 """One kind of arguments, as :meth:`ExampleInputs.plain` gives them: the pytree torch.export and data batches use."""
+
+
+def forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The parameters of ``model.forward`` by name (empty where Python cannot read its signature)."""
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}

@@ -100,5 +100,4 @@ def verify(args: ModelArgs, onnx_path: Path, providers: str, atol: float | None,
 
 def onnx_path_for(model_path: Path) -> Path:
     """model.pt -> model.onnx; a save_pretrained folder -> folder.onnx beside it; timm:NAME -> NAME.onnx."""
-    default = default_output_path(model_path, "x", ".onnx")
-    return default.with_name(default.name.replace(".x.onnx", ".onnx"))
+    return default_output_path(model_path, "", ".onnx")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..inputs import ExampleInputs, InputsLike, PlainInputs
+from ..inputs import ExampleInputs, InputsLike, PlainInputs, forward_parameters
 from ..walk import check_nesting
 
 _DTYPES = {
@@ -186,7 +186,7 @@ def _transformers_inputs(model: nn.Module, config: object, main: str) -> tuple[d
     if getattr(config, "is_encoder_decoder", False):
         args["decoder_input_ids"] = ids(_DECODER_LENGTH)
         what += f" and decoder ids 1x{_DECODER_LENGTH}"
-    if _accepts(model, "use_cache"):  # the no-cache forward: a KV cache is no tensor (and no ONNX output)
+    if "use_cache" in forward_parameters(model):  # the no-cache forward: a KV cache is no tensor (and no ONNX output)
         args["use_cache"] = False
         what += ", use_cache=False"
     return args, what
@@ -204,12 +204,3 @@ def _audio_shape(config: object) -> tuple[tuple[int, ...], str]:
     if isinstance(channels, int) and channels > 0:
         return (1, channels, rate), f"one second of {rate} Hz audio, {channels} channel(s), 1x{channels}x{rate}"
     return (1, rate), f"one second of {rate} Hz audio, 1x{rate}"
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -58,7 +58,8 @@ _NO_HARD_LINKS = frozenset(e for e in (errno.EPERM, errno.EOPNOTSUPP, getattr(er
 
 
 def default_output_path(input_path: Path, tag: str, suffix: str | None = None) -> Path:
-    """``model.pt`` -> ``model.folded.pt`` for tag "folded"; ``suffix`` (".onnx") replaces ".pt".
+    """``model.pt`` -> ``model.folded.pt`` for tag "folded"; ``suffix`` (".onnx") replaces ".pt" (an
+    empty tag with a suffix: ``model.onnx``).
 
     A Hugging Face save_pretrained directory (given as the folder, its config.json or its
     weights) gives ``<folder>.folded.pt`` beside the folder; ``timm:NAME`` gives ``NAME.folded.pt``.
@@ -76,7 +77,7 @@ def default_output_path(input_path: Path, tag: str, suffix: str | None = None) -
         suffix = input_path.suffix
     elif suffix and not suffix.startswith("."):
         suffix = "." + suffix
-    return input_path.with_name(f"{input_path.stem}.{tag}{suffix}")
+    return input_path.with_name(f"{input_path.stem}{'.' + tag if tag else ''}{suffix}")
 
 
 def files_read(*paths: str | Path | None) -> list[Path]:

@@ -20,7 +20,6 @@ another size along every dynamic axis (:func:`other_size`), on fresh random inpu
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import MappingKey, SequenceKey, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from ..errors import ExportError, UsageError
-from ..inputs import InputsLike, PlainInputs
+from ..inputs import InputsLike, PlainInputs, forward_parameters
 from ..surgery import eval_mode
 from ..trace import call_model
 
@@ -94,7 +93,7 @@ def signature_order(model: nn.Module, inputs: PlainInputs) -> PlainInputs:
     """Keyword inputs in ``forward()``'s parameter order: the order torch.export gives the graph's inputs."""
     if not isinstance(inputs, dict):
         return inputs
-    order = {name: i for i, name in enumerate(_parameters(model))}
+    order = {name: i for i, name in enumerate(forward_parameters(model))}
     return dict(sorted(inputs.items(), key=lambda item: order.get(item[0], len(order))))
 
 
@@ -103,7 +102,7 @@ def input_names(model: nn.Module, inputs: PlainInputs) -> list[str]:
     if isinstance(inputs, dict):
         tops = list(inputs.items())
     else:
-        params = [p for p in _parameters(model).values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [p for p in forward_parameters(model).values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         tops = [(params[i].name if i < len(params) else f"input{i}", value) for i, value in enumerate(inputs)]
     names = []
     for top, value in tops:
@@ -344,13 +343,6 @@ def _check_sizes(axes: Sequence[Axis], leaves: list[Any]) -> None:
                 f"dynamic axis {axis.symbol!r} is {first.input} dim {first.dim} ({first_size}) and {axis.input} dim "
                 f"{axis.dim} ({size}): axes sharing a symbol must have one size; give them different symbols"
             )
-
-
-def _parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
-    try:
-        return inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
 
 
 def _key(key: Any) -> str:
