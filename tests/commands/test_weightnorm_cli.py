@@ -118,3 +118,18 @@ def test_timm_name_with_weights_goes_through_apply_then_remove(tmp_path, cli):
     plain.load_state_dict(torch.load(tmp_path / "wn.plain.pt"), strict=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(_out(plain, x), _out(source, x), rtol=1e-4, atol=1e-5)
+
+
+def test_remove_with_config_builds_the_architecture_instead_of_rewriting_bare_keys(tmp_path, cli):
+    """--config says MODEL is that architecture's weights: they must fit it, not be rewritten as a bare state_dict."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               vocab_size=50, architectures=["BertModel"]).save_pretrained(tmp_path / "config")
+    save_file(models.build("hifigan").state_dict(), tmp_path / "generator.safetensors")
+
+    result = cli("weightnorm", "remove", tmp_path / "generator.safetensors", "--config", tmp_path / "config")
+
+    assert result.returncode == 3 and "missing" in result.stderr, result.stderr
+    assert not (tmp_path / "generator.plain.safetensors").exists() and not (tmp_path / "generator.plain.pt").exists()
