@@ -98,3 +98,10 @@ def give_realistic_stats(model: nn.Module, *inputs: torch.Tensor, keywords: dict
                 module.weight.copy_(torch.empty(module.weight.shape).uniform_(-1.5, 1.5, generator=generator))
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
     return model.eval()
+
+
+def count_batchnorm_like(model: nn.Module) -> int:
+    """BatchNorm-like modules left in ``model`` (torch BatchNorms, BatchNorm+act, frozen BatchNorms)."""
+    from normsurgeon.norms import is_batchnorm_like
+
+    return sum(is_batchnorm_like(m) for m in model.modules())

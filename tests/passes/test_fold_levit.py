@@ -13,17 +13,12 @@ import copy
 import pytest
 import torch
 
-from normsurgeon.norms import is_batchnorm_like
 from normsurgeon.passes.fold_batchnorm import fold_batchnorm
-from tests.helpers import give_realistic_stats
+from tests.helpers import count_batchnorm_like, give_realistic_stats
 
 TOLERANCE = 1e-5  # max |folded - original| relative to the output's largest magnitude, on inputs the fold never saw
 
 timm = pytest.importorskip("timm")
-
-
-def _batchnorms(model: torch.nn.Module) -> int:
-    return sum(is_batchnorm_like(m) for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def test_levit_keeps_no_more_batchnorms_than_timms_fuse(levit, folded):
 
     model, _ = levit
     by_timm = reparameterize_model(copy.deepcopy(model))  # calls each LinearNorm/ConvNorm/NormLinear's fuse()
-    assert _batchnorms(folded.model) <= _batchnorms(by_timm) == 0 < _batchnorms(model) == 64
+    assert count_batchnorm_like(folded.model) <= count_batchnorm_like(by_timm) == 0 < count_batchnorm_like(model) == 64
     assert not folded.skipped
 
 

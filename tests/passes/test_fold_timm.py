@@ -17,17 +17,13 @@ from torch import nn
 
 from normsurgeon.norms import is_batchnorm_like
 from normsurgeon.passes.fold_batchnorm import batchnorms_left, fold_batchnorm
-from tests.helpers import give_realistic_stats
+from tests.helpers import count_batchnorm_like, give_realistic_stats
 
 TOLERANCE = 1e-4  # max |folded - original| relative to max |original|, on inputs the fold never saw
 SHAPE = (2, 3, 64, 64)  # the smallest square input all these models take
 
 FAST = ["efficientnet_b0", "mobilenetv3_large_100", "regnety_002", "cs3darknet_s", "mobileone_s0", "fastvit_t8"]
 HEAVY = ["resnetv2_50", "densenet121", "repvgg_a0"]
-
-
-def _bns(model: nn.Module) -> int:
-    return sum(is_batchnorm_like(m) for m in model.modules())
 
 
 def _relative_error(original: nn.Module, folded: nn.Module) -> float:
@@ -52,13 +48,13 @@ def _check_fold(name: str, *, frozen: bool = False) -> None:
     model, x = _build(name)
     if frozen:
         model = freeze_batch_norm_2d(model).eval()  # BatchNormAct2d -> FrozenBatchNormAct2d
-    by_timm = _bns(reparameterize_model(copy.deepcopy(model)))
+    by_timm = count_batchnorm_like(reparameterize_model(copy.deepcopy(model)))
 
     report = fold_batchnorm(model, (x,), inplace=False)
 
     assert report.passed and report.pass_name == "fold"
-    left = _bns(report.model)
-    assert left == len(batchnorms_left(report)) and left <= by_timm and left < _bns(model), (name, report.skipped)
+    left = count_batchnorm_like(report.model)
+    assert left == len(batchnorms_left(report)) and left <= by_timm and left < count_batchnorm_like(model), (name, report.skipped)
     assert _relative_error(model, report.model) < TOLERANCE
 
 
@@ -264,7 +260,7 @@ def test_timm_export_ships_no_more_batchnormalization_nodes_than_the_fold_leaves
     from normsurgeon.onnx.export import export_onnx
 
     model, x = _build(name)
-    left = _bns(fold_batchnorm(model, (x,), inplace=False).model)
+    left = count_batchnorm_like(fold_batchnorm(model, (x,), inplace=False).model)
 
     report = export_onnx(model, (x,), tmp_path / "m.onnx")
 

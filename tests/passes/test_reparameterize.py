@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normsurgeon.maths import pad_kernel, regroup_kernel
-from normsurgeon.norms import is_batchnorm_like
 from normsurgeon.passes.reparameterize import reparameterize
 from normsurgeon.report import SkipReason
-from tests.helpers import give_realistic_stats
+from tests.helpers import count_batchnorm_like, give_realistic_stats
 
 TOLERANCE = 1e-4  # max |new - original| relative to the output's scale, on inputs the pass never saw
 
@@ -89,10 +88,6 @@ class Flat(nn.Module):
         return self.kxk(x) + self.one(x)
 
 
-def _bns(model: nn.Module) -> int:
-    return sum(is_batchnorm_like(m) for m in model.modules())
-
-
 def _assert_matches(original: nn.Module, changed: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         want, got = original(x), changed(x)
@@ -122,7 +117,7 @@ def test_a_repvgg_block_becomes_one_conv_and_its_act(kwargs, branches):
     (change,) = report.changes
     assert change.module == "0" and f"({branches})" in change.detail and report.passed
     merged = report.model[0]
-    assert isinstance(merged, nn.Sequential) and isinstance(merged[1], nn.ReLU) and _bns(report.model) == 0
+    assert isinstance(merged, nn.Sequential) and isinstance(merged[1], nn.ReLU) and count_batchnorm_like(report.model) == 0
     assert merged[0].groups == kwargs.get("groups", 1) and merged[0].kernel_size == (3, 3)
     _assert_matches(model, report.model, torch.randn(3, 8, 12, 12))
 
@@ -132,7 +127,7 @@ def test_an_average_pool_branch_is_a_depthwise_conv():
 
     report = reparameterize(model, inputs)
 
-    assert "avg-pool 3x3" in report.changes[0].detail and _bns(report.model) == 0
+    assert "avg-pool 3x3" in report.changes[0].detail and count_batchnorm_like(report.model) == 0
     assert isinstance(report.model[0], nn.Conv2d)
     _assert_matches(model, report.model, torch.randn(1, 8, 10, 10))
 
@@ -156,7 +151,7 @@ def test_a_sum_then_batchnorm_act_merges_the_norm_and_keeps_the_act():
 
     assert report.changes[0].detail.endswith("then its SiLU")
     conv, act = report.model[0]
-    assert isinstance(conv, nn.Conv2d) and isinstance(act, nn.SiLU) and _bns(report.model) == 0
+    assert isinstance(conv, nn.Conv2d) and isinstance(act, nn.SiLU) and count_batchnorm_like(report.model) == 0
     _assert_matches(model, report.model, torch.randn(2, 8, 12, 12))
 
 
@@ -229,5 +224,5 @@ def test_timm_reparameterizable_models_keep_no_more_batchnorms_than_timm(name):
     report = reparameterize(model, (x,))
 
     assert report.passed and report.changes and report.skipped == []
-    assert _bns(report.model) <= _bns(by_timm) < _bns(model)
+    assert count_batchnorm_like(report.model) <= count_batchnorm_like(by_timm) < count_batchnorm_like(model)
     _assert_matches(model, report.model, torch.randn(2, 3, 64, 64))
