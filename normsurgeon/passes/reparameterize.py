@@ -48,7 +48,7 @@ from ..maths import batchnorm_scale_shift, pad_kernel, regroup_kernel
 from ..norms import is_batchnorm_like, split_batchnorm_act
 from ..pipeline import Edit, ModulePass, PassContext, run
 from ..report import Change, Report, Skip, SkipReason
-from ..surgery import foreign_hooks, replace_module
+from ..surgery import hooks_lost_by_replacing, replace_module
 from ..trace import Node, Trace, Value
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -434,9 +434,8 @@ def plan_site(ctx: PassContext, site: Site, paths: dict[str, nn.Module]) -> Edit
         tail = _tail(flow, site, path, paths)
         if tail is None:
             break
-        if foreign_hooks(container):
-            raise Refusal(SkipReason.HOOKED, f"{path} has forward hooks ({', '.join(foreign_hooks(container))}) "
-                          "that would be dropped with it")
+        if hooked := hooks_lost_by_replacing(container):
+            raise Refusal(SkipReason.HOOKED, f"{path}: {hooked}")
         parts = [*([site.act] if site.act is not None else []), *tail]
         replacement = nn.Sequential(conv, *parts) if parts else conv
         if _behaves_as(container, replacement, site.form.root.shape, conv.weight):
@@ -474,9 +473,8 @@ def _check_removable(ctx: PassContext, node: Node) -> None:
         raise Refusal(SkipReason.SHARED_PARAMETER, f"{path} shares its weight with another module")
     if any(ctx.flow.uses_outside(t) for t in owned):
         raise Refusal(SkipReason.FUNCTIONAL_USE, f"{path}'s tensors are also read outside {path}")
-    if foreign_hooks(module):
-        raise Refusal(SkipReason.HOOKED, f"{path} has forward hooks ({', '.join(foreign_hooks(module))}) "
-                      "that would be dropped with it")
+    if hooked := hooks_lost_by_replacing(module):
+        raise Refusal(SkipReason.HOOKED, f"{path}: {hooked}")
 
 
 def _containers(region: list[Node], paths: dict[str, nn.Module]) -> Iterator[str]:
