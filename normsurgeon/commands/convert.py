@@ -67,9 +67,8 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
 
 
 def nothing_converted(report: Report) -> str:
-    """The one-line error when no norm was converted: the first reasons, so the user sees why."""
+    """The one-line error when no norm was converted though some were skipped or left out: the first reasons."""
     reasons = [f"{s.module}: {s.message}" for s in report.skipped[:3]]
     reasons += [f"{o.module}: not converted exactly: {o.detail}" for o in report.left_out[:2]]
     more = f" (and {len(report.skipped) - 3} more)" if len(report.skipped) > 3 else ""
-    why = "; ".join(reasons) + more if reasons else f"every selected norm is already {report.facts.get('to')}"
-    return f"nothing was converted to {report.facts.get('to')}: {why}"
+    return f"nothing was converted to {report.facts.get('to')}: {'; '.join(reasons)}{more}"
