@@ -65,6 +65,14 @@ class PassContext:
     state: dict[str, Any] = field(default_factory=dict)  # a pass's own working state for this run, by pass name
     decisions: Decisions = field(default_factory=Decisions)  # what the original's data-dependent ops decided
 
+    def knowing(self, *, flow: Trace | None = None, reference: Any = None) -> PassContext:
+        """This context with its trace or original outputs given, not computed (a caller outside :func:`run`
+        that already traced or ran the model: inspect's plan, the ``.pt2`` fold's review)."""
+        for name, value in (("flow", flow), ("reference", reference)):
+            if value is not None:
+                self.__dict__[name] = value  # the cached_property's slot
+        return self
+
     @functools.cached_property
     def flow(self) -> Trace:
         """The model's dataflow, traced when a pass first needs it (once per run)."""

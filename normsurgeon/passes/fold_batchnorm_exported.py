@@ -69,8 +69,7 @@ def _review(module: torch.nn.Module, inputs: ExampleInputs, reference: Any, fold
     A fold exact in float64 still rounds each rescaled weight once in float32, and a deep graph
     amplifies that (LeViT); the folded program run in float64 measures how much.
     """
-    ctx = PassContext(module, inputs)
-    ctx.__dict__["reference"] = reference  # the outputs before the fold (PassContext.reference is cached)
+    ctx = PassContext(module, inputs).knowing(reference=reference)  # the outputs before the fold
     return FoldBatchNorm().review(ctx, report, folded, report.check)
 
 

@@ -126,8 +126,7 @@ def _standardized(path: str, found: StandardizedConv) -> dict[str, str]:
 
 def merged_norms(model: nn.Module, flow: Trace) -> dict[nn.Module, str]:
     """BatchNorm module -> how ``fold``'s reparameterize step merges it away with its branch (from the pass's plan)."""
-    ctx = PassContext(model, None)
-    ctx.__dict__["flow"] = flow  # PassContext.flow is cached: plan on the trace inspect already has
+    ctx = PassContext(model, None).knowing(flow=flow)  # plan on the trace inspect already has
     merged = {}
     for site, planned in plan_sites(ctx, FormReader(flow)):
         if isinstance(planned, Edit):
