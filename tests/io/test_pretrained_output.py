@@ -145,6 +145,18 @@ def test_fold_affine_on_bert_writes_a_directory_that_reloads_the_same(saved: dic
     torch.testing.assert_close(_first(reloaded, IDS), _first(model, IDS), rtol=0, atol=0)
 
 
+def test_writing_and_reloading_a_directory_prints_no_transformers_progress_bar(saved: dict, tmp_path: Path,
+                                                                             cli) -> None:
+    """save_pretrained draws "Writing model shards" and from_pretrained "Loading weights" on stderr by default."""
+    folder, _ = saved["llama"]
+    out = tmp_path / "folded"
+
+    result = cli("fold", folder, "--affine", "-o", out)
+
+    assert result.returncode == 0 and (out / "config.json").exists()
+    assert "Writing model shards" not in result.stderr and "Loading weights" not in result.stderr, result.stderr
+
+
 # ------------------------------------------------------------------ weightnorm
 
 
