@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from ..cli_options import input_options, model_options, output_options, tolerance_options, weights_option
-from ..errors import PreconditionError
+from ..errors import PreconditionError, UsageError
 from ..recognize import NormKind
 from ..report import Report
+from ..streaming import StreamedSurgery
 from .common import EvalMode, ModelArgs, eval_option, model_command, open_model
+from .streamed import run_streamed, stream_option
 
 EVAL = EvalMode("; pass --eval to convert its eval-mode behaviour", "converted its eval-mode behaviour (--eval)")
 _KINDS = ", ".join([*NormKind.names(), "native"])
@@ -29,10 +31,11 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
               help="LayerNorm -> RMSNorm: give a layer that writes to the residual stream its own copy of a tied "
                    "weight (input embedding tied to the LM head).")
 @eval_option("Put a model saved in training mode into eval mode first.")
+@stream_option
 @tolerance_options
 @model_command
 def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, approximate: bool, untie: bool,
-            atol: float | None, rtol: float | None) -> None:
+            stream: bool, atol: float | None, rtol: float | None) -> None:
     """Convert norm layers to another kind and write the checked model (MODEL.converted.pt).
 
     Exact: hand-written norms -> torch's own (--to native), BatchNorm <-> FrozenBatchNorm <->
@@ -46,24 +49,43 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
       normsurgeon convert gpt.pt --to rmsnorm --input-shape 1,16:int64
       normsurgeon convert gpt2-lm.pt --to rmsnorm --untie --input-shape 1,16:int64
       normsurgeon convert resnet.pt --to groupnorm --approximate
+      normsurgeon convert phi-dir/ --to rmsnorm --stream
     """
     from ..passes.convert import convert_norms, parse_target
 
     target = parse_target(to)  # unknown kinds fail before anything is loaded
     source = NormKind.parse(from_, option="--from kind") if from_ else None
+
+    def surgery(model, inputs) -> Report:
+        return convert_norms(model, inputs, to=target if target is not None else "native", from_=source, only=only,
+                             approximate=approximate, untie=untie, atol=atol, rtol=rtol)
+
+    if stream:
+        if approximate:
+            raise UsageError("--stream checks every block against the original, which an approximate conversion "
+                             "changes; drop --approximate or --stream")
+        job = StreamedSurgery("convert", surgery, subject="the converted model", require=_require_conversions)
+        return run_streamed(args, job, "converted",
+                            title="normsurgeon convert", facts=_facts, atol=atol, rtol=rtol)
     opened = open_model(args, "convert", eval_mode=EVAL)
     destination = opened.output_target("converted")
-    report = convert_norms(opened.model, opened.example_inputs(), to=target if target is not None else "native",
-                           from_=source, only=only, approximate=approximate, untie=untie, atol=atol, rtol=rtol)
+    report = surgery(opened.model, opened.example_inputs())
+    _require_conversions(report)
     if not report.changes:
-        if report.skipped or report.left_out:
-            raise PreconditionError(nothing_converted(report))
         opened.notes.append(f"every selected norm is already {report.facts.get('to')}: nothing to convert, the "
                             "output is the same model")
     out_path = opened.write(report, destination)
-    facts = {"output": str(out_path), "converted": str(len(report.changed("converted"))),
-             "skipped": str(len(report.skipped))}
-    opened.emit(report, title="normsurgeon convert", facts=facts, extra={"output": str(out_path)})
+    opened.emit(report, title="normsurgeon convert", facts={"output": str(out_path), **_facts(report)},
+                extra={"output": str(out_path)})
+
+
+def _require_conversions(report: Report) -> None:
+    if not report.changes and (report.skipped or report.left_out):
+        raise PreconditionError(nothing_converted(report))
+
+
+def _facts(report: Report) -> dict[str, str]:
+    return {"converted": str(len(report.changed("converted"))), "skipped": str(len(report.skipped))}
 
 
 def nothing_converted(report: Report) -> str:

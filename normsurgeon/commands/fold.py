@@ -15,7 +15,9 @@ from ..passes.fold_batchnorm_exported import fold_batchnorm_exported
 from ..passes.fold_norm_affine import FoldNormAffines
 from ..pipeline import Sequential, raise_if_failed
 from ..report import Report
+from ..streaming import StreamedSurgery
 from .common import EvalMode, ModelArgs, OpenedModel, eval_option, model_command, open_model
+from .streamed import run_streamed, stream_option
 
 EVAL = EvalMode(", where BatchNorm uses batch statistics; pass --eval to fold its test-time (eval-mode) behaviour",
                 "folded its eval-mode behaviour (--eval)")
@@ -40,10 +42,11 @@ EVAL = EvalMode(", where BatchNorm uses batch statistics; pass --eval to fold it
 @click.option("--strict", is_flag=True,
               help="Exit 5 and write nothing when any BatchNorm is left unfolded, whatever the reason (for CI); "
                    "with --to-affine those with no foldable neighbour become affines and do not count.")
+@stream_option
 @tolerance_options
 @model_command
 def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bool, reparameterize: bool,
-         strict: bool, atol: float | None, rtol: float | None) -> None:
+         strict: bool, stream: bool, atol: float | None, rtol: float | None) -> None:
     """Fold BatchNorm running statistics into the neighbouring conv/linear layers.
 
     First, weight-standardized convs (timm StdConv2d) are baked into plain convs, and summed
@@ -61,26 +64,42 @@ def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bo
       normsurgeon fold models/examples/resnet18.pt --input-shape 1,3,32,32
       normsurgeon fold model.pt --inputs batch.pt --json
       normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
+      normsurgeon fold llama-dir/ --affine --stream
     """
+    def passes(add_biases: bool = True) -> Sequential:
+        fold_bn = fold_passes(unfoldable="affine" if to_affine else "keep", reparameterize=reparameterize,
+                              allow_default_stats=allow_default_stats)
+        return Sequential(fold_bn, *([FoldNormAffines(add_biases=add_biases)] if affine else []))
+
+    if stream:
+        def surgery(model, inputs) -> Report:
+            report = run_fold(passes(add_biases=False), model, inputs, atol=atol, rtol=rtol)  # the folder's class
+            _refuse_leftovers(report, strict)
+            return report
+
+        return run_streamed(args, StreamedSurgery("fold", surgery, subject="the folded model"), "folded",
+                            title="normsurgeon fold", facts=lambda report: _facts(report, affine, reparameterize),
+                            atol=atol, rtol=rtol)
     opened = open_model(args, "fold --affine" if affine else None, eval_mode=EVAL)
     target = opened.output_target("folded")  # a save_pretrained model goes back as a folder where it reloads the same
     exported = opened.loaded.form == "exported_program"
     if exported:
         report = _fold_exported(opened, target.path, strict, atol, rtol)
     else:
-        fold_bn = fold_passes(unfoldable="affine" if to_affine else "keep", reparameterize=reparameterize,
-                              allow_default_stats=allow_default_stats)
-        passes = Sequential(fold_bn, *([FoldNormAffines()] if affine else []))
-        report = run_fold(passes, opened.model, opened.example_inputs(), atol=atol, rtol=rtol)  # one trace
+        report = run_fold(passes(), opened.model, opened.example_inputs(), atol=atol, rtol=rtol)  # one trace
         _refuse_leftovers(report, strict)
     out_path = target.path if exported else opened.write(report, target)
-    facts = {"output": str(out_path), "folded": str(len(report.changed("folded"))),
-             "skipped": str(len(report.skipped))}
-    if reparameterize and not exported:
+    facts = {"output": str(out_path), **_facts(report, affine, reparameterize and not exported)}
+    opened.emit(report, title="normsurgeon fold", facts=facts, extra={"output": str(out_path)})
+
+
+def _facts(report: Report, affine: bool, reparameterize: bool) -> dict[str, str]:
+    facts = {"folded": str(len(report.changed("folded"))), "skipped": str(len(report.skipped))}
+    if reparameterize:
         facts["reparameterized"] = str(len(report.changed("reparameterized")))
     if affine:
         facts["affines folded"] = str(len(report.changed("folded-affine")))
-    opened.emit(report, title="normsurgeon fold", facts=facts, extra={"output": str(out_path)})
+    return facts
 
 
 def _fold_exported(opened: OpenedModel, path: Path, strict: bool, atol: float | None, rtol: float | None) -> Report:

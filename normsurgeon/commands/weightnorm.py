@@ -11,7 +11,9 @@ import torch
 
 from ..cli_options import emit, input_options, model_options, output_options, weights_option
 from ..errors import LoadError, PreconditionError, UsageError
+from ..streaming import StreamedSurgery
 from .common import ModelArgs, model_command, open_model
+from .streamed import run_streamed, stream_option
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
                      "convtranspose1d, convtranspose2d, convtranspose3d, linear.")
@@ -82,8 +84,9 @@ def apply(args: ModelArgs, init_data: Path | None, mean_only_bn: bool, layer_typ
 @weights_option
 @input_options
 @output_options(default="MODEL.plain.pt beside MODEL; a save_pretrained folder gives FOLDER.plain/ where it reloads the same")
+@stream_option
 @model_command
-def remove(args: ModelArgs) -> None:
+def remove(args: ModelArgs, stream: bool) -> None:
     """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
 
     A bare state_dict (no --factory) is rewritten into plain '<layer>.weight' keys that load
@@ -102,6 +105,11 @@ def remove(args: ModelArgs) -> None:
     """
     from ..passes.weight_norm import remove_weight_norm
 
+    if stream:
+        job = StreamedSurgery("weightnorm remove", lambda model, inputs: remove_weight_norm(model, example_inputs=inputs),
+                              subject="the model without weight norm",
+                              require=lambda report: _require_changes(report, args.model_path))
+        return run_streamed(args, job, "plain", title="normsurgeon weightnorm remove", facts=lambda report: {}, atol=None, rtol=None)
     state_dict = None if args.factory or args.weights else _bare_state_dict(args.model_path)
     if state_dict is not None:
         _remove_from_state_dict(args, state_dict)

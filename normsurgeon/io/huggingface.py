@@ -74,9 +74,9 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained_dir(folder: Path) -> nn.Module:
     """Build the model of a save_pretrained directory with transformers, offline, in eval mode."""
-    transformers = _import_transformers(folder)
-    config = _read_config(folder / CONFIG)
-    model_class = _model_class(transformers, config, folder)
+    transformers = import_transformers(folder)
+    config = read_config(folder / CONFIG)
+    model_class = model_class_of(transformers, config, folder)
     _check_pickled_weights(folder)
     with offline(), quiet_transformers():
         try:
@@ -100,8 +100,8 @@ def model_for_safetensors(path: Path, config: Path) -> tuple[nn.Module, dict[str
     """The transformers model that ``config`` (a config.json) describes, built offline in the floating dtype of
     the safetensors file ``path`` (weights not yet loaded), and the file's state_dict with the keys the model
     ties to one the file holds filled in: what :func:`normsurgeon.io.loading.load_strict` then loads."""
-    transformers = _import_transformers(path)
-    model_class = _model_class(transformers, _read_config(config), config)
+    transformers = import_transformers(path)
+    model_class = model_class_of(transformers, read_config(config), config)
     state_dict = load_safetensors(path)
     with offline(), quiet_transformers():
         try:
@@ -131,7 +131,7 @@ def _to_file_dtype(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> Non
         model.to(dtypes.pop())
 
 
-def _import_transformers(path: Path) -> Any:
+def import_transformers(path: Path) -> Any:
     try:
         import transformers
     except ImportError as exc:
@@ -139,7 +139,7 @@ def _import_transformers(path: Path) -> Any:
     return transformers
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
     """config.json as a dict; one that asks for custom code (auto_map) is refused."""
     folder = path.parent
     if path.stat().st_size > _MAX_CONFIG_BYTES:
@@ -159,7 +159,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _model_class(transformers: Any, config: dict[str, Any], where: Path) -> Any:
+def model_class_of(transformers: Any, config: dict[str, Any], where: Path) -> Any:
     """The transformers class named by ``architectures`` (or AutoModel for the config's model type)."""
     names = config.get("architectures") or []
     for name in names:

@@ -126,7 +126,7 @@ def save_pretrained_checked(model: nn.Module, path: Path, example_inputs: Inputs
             why = lost or f"its outputs differ by {check.max_abs_diff:.3g}"
             raise DoesNotRoundTrip(path, f"a save_pretrained directory of the changed model reloads different ({why}: "
                                          f"{type(model).__name__} cannot hold what the surgery changed)")
-        _put_in_place(staging, path)
+        put_in_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return check
@@ -177,7 +177,7 @@ def _outputs_check(model: nn.Module, reloaded: nn.Module, example_inputs: Inputs
     return compare_outputs(want, got, atol=None, rtol=None, label="save_pretrained reloaded vs written")
 
 
-def _put_in_place(staging: Path, path: Path) -> None:
+def put_in_place(staging: Path, path: Path) -> None:
     """Rename the finished folder into place; an old one (--force) is moved aside first, then removed."""
     old = None
     if path.exists():

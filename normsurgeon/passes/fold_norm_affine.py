@@ -68,6 +68,9 @@ class FoldNormAffines(ModulePass):
     eval_reason = "dropout is random"
     rounding_noise_ok = True
 
+    def __init__(self, *, add_biases: bool = True) -> None:
+        self.add_biases = add_biases  # False: a shift that would give a bias-less linear a bias is not folded
+
     def plan(self, ctx: PassContext) -> Iterator[Edit | Skip]:
         """The consumers of each foldable norm (an :class:`Edit` of its NormInfo), or why not."""
         recognition = recognize_norms(ctx.model, ctx.flow)
@@ -77,9 +80,17 @@ class FoldNormAffines(ModulePass):
             if info.kind not in _FOLDABLE_KINDS:
                 continue
             try:
-                yield Edit(info.path, info, plan_affine_fold(ctx.flow, info, ctx.shared))
+                consumers = plan_affine_fold(ctx.flow, info, ctx.shared)
             except Refusal as refusal:
                 yield refusal.skip(info.path)
+                continue
+            biasless = [m for m in consumers if info.bias is not None and getattr(m, "bias", None) is None]
+            if biasless and not self.add_biases:
+                yield Skip(info.path, SkipReason.NO_FOLDABLE_NEIGHBOUR,
+                           f"its shift would give {ctx.flow.module_paths[biasless[0]]} a bias, which its class "
+                           "builds without (a save_pretrained folder could not hold it)")
+            else:
+                yield Edit(info.path, info, consumers)
 
     def apply(self, ctx: PassContext, edit: Edit) -> list[Change]:
         return apply_affine_fold(ctx.flow, edit.target, edit.plan)
