@@ -10,7 +10,7 @@ from ..recognize import NormKind
 from ..report import Report
 from ..streaming import StreamedSurgery
 from .common import EvalMode, ModelArgs, eval_option, model_command, open_model
-from .streamed import run_streamed, stream_option
+from .streamed import refuse_full_check_alone, run_streamed, stream_options
 
 EVAL = EvalMode("; pass --eval to convert its eval-mode behaviour", "converted its eval-mode behaviour (--eval)")
 _KINDS = ", ".join([*NormKind.names(), "native"])
@@ -31,17 +31,21 @@ _KINDS = ", ".join([*NormKind.names(), "native"])
               help="LayerNorm -> RMSNorm: give a layer that writes to the residual stream its own copy of a tied "
                    "weight (input embedding tied to the LM head).")
 @eval_option("Put a model saved in training mode into eval mode first.")
-@stream_option
+@stream_options
 @tolerance_options
 @model_command
 def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, approximate: bool, untie: bool,
-            stream: bool, atol: float | None, rtol: float | None) -> None:
+            stream: bool, full_check: bool, atol: float | None, rtol: float | None) -> None:
     """Convert norm layers to another kind and write the checked model (MODEL.converted.pt).
 
     Exact: hand-written norms -> torch's own (--to native), BatchNorm <-> FrozenBatchNorm <->
     SyncBatchNorm, InstanceNorm <-> GroupNorm(C groups), LayerNorm -> RMSNorm in pre-norm
     transformers (by centring the residual stream). Approximate, with --approximate only:
     BatchNorm -> GroupNorm/LayerNorm, RMSNorm <-> LayerNorm on un-centred inputs.
+
+    --stream converts a save_pretrained folder one decoder block at a time; the converted norms are
+    written as the class builds them (a LayerNorm with weight 1 and bias 0 computes RMSNorm on the
+    centred stream), and a result the class cannot hold (a new lm_head bias) is refused.
 
     \b
     Examples:
@@ -53,6 +57,7 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
     """
     from ..passes.convert import convert_norms, parse_target
 
+    refuse_full_check_alone(stream, full_check)
     target = parse_target(to)  # unknown kinds fail before anything is loaded
     source = NormKind.parse(from_, option="--from kind") if from_ else None
 
@@ -66,7 +71,7 @@ def convert(args: ModelArgs, to: str, from_: str | None, only: str | None, appro
                              "changes; drop --approximate or --stream")
         job = StreamedSurgery("convert", surgery, subject="the converted model", require=_require_conversions)
         return run_streamed(args, job, "converted",
-                            title="normsurgeon convert", facts=_facts, atol=atol, rtol=rtol)
+                            title="normsurgeon convert", facts=_facts, atol=atol, rtol=rtol, full_check=full_check)
     opened = open_model(args, "convert", eval_mode=EVAL)
     destination = opened.output_target("converted")
     report = surgery(opened.model, opened.example_inputs())

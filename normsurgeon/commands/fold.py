@@ -17,7 +17,7 @@ from ..pipeline import Sequential, raise_if_failed
 from ..report import Report
 from ..streaming import StreamedSurgery
 from .common import EvalMode, ModelArgs, OpenedModel, eval_option, model_command, open_model
-from .streamed import run_streamed, stream_option
+from .streamed import refuse_full_check_alone, run_streamed, stream_options
 
 EVAL = EvalMode(", where BatchNorm uses batch statistics; pass --eval to fold its test-time (eval-mode) behaviour",
                 "folded its eval-mode behaviour (--eval)")
@@ -42,11 +42,11 @@ EVAL = EvalMode(", where BatchNorm uses batch statistics; pass --eval to fold it
 @click.option("--strict", is_flag=True,
               help="Exit 5 and write nothing when any BatchNorm is left unfolded, whatever the reason (for CI); "
                    "with --to-affine those with no foldable neighbour become affines and do not count.")
-@stream_option
+@stream_options
 @tolerance_options
 @model_command
 def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bool, reparameterize: bool,
-         strict: bool, stream: bool, atol: float | None, rtol: float | None) -> None:
+         strict: bool, stream: bool, full_check: bool, atol: float | None, rtol: float | None) -> None:
     """Fold BatchNorm running statistics into the neighbouring conv/linear layers.
 
     First, weight-standardized convs (timm StdConv2d) are baked into plain convs, and summed
@@ -59,6 +59,10 @@ def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bo
     inputs. A grouped ConvTranspose that gets a bias from the fold becomes normsurgeon's
     BiasAfterConvTranspose (torch's CPU kernel is slow with a bias); the report says where.
 
+    --stream edits a save_pretrained folder one decoder block at a time (a model larger than memory)
+    and writes a folder with the same shards; a norm shift that would give a linear layer a bias its
+    class builds without is then left unfolded, with that reason.
+
     \b
     Examples:
       normsurgeon fold models/examples/resnet18.pt --input-shape 1,3,32,32
@@ -66,6 +70,7 @@ def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bo
       normsurgeon fold weights.pth --factory mypkg.nets:resnet50 --input-shape 1,3,224,224
       normsurgeon fold llama-dir/ --affine --stream
     """
+    refuse_full_check_alone(stream, full_check)
     def passes(add_biases: bool = True) -> Sequential:
         fold_bn = fold_passes(unfoldable="affine" if to_affine else "keep", reparameterize=reparameterize,
                               allow_default_stats=allow_default_stats)
@@ -79,7 +84,7 @@ def fold(args: ModelArgs, to_affine: bool, affine: bool, allow_default_stats: bo
 
         return run_streamed(args, StreamedSurgery("fold", surgery, subject="the folded model"), "folded",
                             title="normsurgeon fold", facts=lambda report: _facts(report, affine, reparameterize),
-                            atol=atol, rtol=rtol)
+                            atol=atol, rtol=rtol, full_check=full_check)
     opened = open_model(args, "fold --affine" if affine else None, eval_mode=EVAL)
     target = opened.output_target("folded")  # a save_pretrained model goes back as a folder where it reloads the same
     exported = opened.loaded.form == "exported_program"

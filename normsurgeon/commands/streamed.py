@@ -20,10 +20,26 @@ stream_option = click.option(
     "--stream", is_flag=True,
     help="Edit a save_pretrained folder (safetensors) one decoder block at a time, never holding the whole model; "
          "writes a save_pretrained folder with the same shards, each block checked on carried activations.")
+full_check_option = click.option(
+    "--full-check", is_flag=True,
+    help="With --stream: also load the original and the written folder whole and compare their outputs "
+         "(needs memory for both models).")
+
+
+def stream_options(command: Callable) -> Callable:
+    """--stream and --full-check."""
+    return stream_option(full_check_option(command))
+
+
+def refuse_full_check_alone(stream: bool, full_check: bool) -> None:
+    if full_check and not stream:
+        raise UsageError("--full-check checks a --stream run; add --stream, or drop --full-check (without --stream "
+                         "the whole model is always checked)")
 
 
 def run_streamed(args: ModelArgs, job: StreamedSurgery, tag: str, *, title: str,
-                 facts: Callable[[Report], dict[str, str]], atol: float | None, rtol: float | None) -> None:
+                 facts: Callable[[Report], dict[str, str]], atol: float | None, rtol: float | None,
+                 full_check: bool) -> None:
     """``job`` on the folder MODEL names, written to ``-o`` or FOLDER.<tag>/; the report printed (exit 6 on a
     failed check)."""
     folder = _streamable_folder(args)
@@ -43,7 +59,7 @@ def run_streamed(args: ModelArgs, job: StreamedSurgery, tag: str, *, title: str,
 
     protect = [folder, *([args.inputs_file] if args.inputs_file else [])]
     report = stream_surgery(folder, output, job, make_inputs, force=args.force, protect=protect,
-                            progress=not args.as_json, atol=atol, rtol=rtol)
+                            progress=not args.as_json, atol=atol, rtol=rtol, full_check=full_check)
     report.notes[:0] = described
     emit(report, as_json=args.as_json, title=title,
          facts={"model": f"{args.model_path} (save_pretrained folder, streamed)", "output": str(output), **facts(report)},

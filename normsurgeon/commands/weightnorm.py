@@ -13,7 +13,7 @@ from ..cli_options import emit, input_options, model_options, output_options, we
 from ..errors import LoadError, PreconditionError, UsageError
 from ..streaming import StreamedSurgery
 from .common import ModelArgs, model_command, open_model
-from .streamed import run_streamed, stream_option
+from .streamed import refuse_full_check_alone, run_streamed, stream_options
 
 _LAYER_TYPES_HELP = ("Layer type to weight-norm (repeatable; default all): conv1d, conv2d, conv3d, "
                      "convtranspose1d, convtranspose2d, convtranspose3d, linear.")
@@ -84,9 +84,9 @@ def apply(args: ModelArgs, init_data: Path | None, mean_only_bn: bool, layer_typ
 @weights_option
 @input_options
 @output_options(default="MODEL.plain.pt beside MODEL; a save_pretrained folder gives FOLDER.plain/ where it reloads the same")
-@stream_option
+@stream_options
 @model_command
-def remove(args: ModelArgs, stream: bool) -> None:
+def remove(args: ModelArgs, stream: bool, full_check: bool) -> None:
     """Bake weight norm (parametrizations or the old weight_g/weight_v hooks) into plain weights.
 
     A bare state_dict (no --factory) is rewritten into plain '<layer>.weight' keys that load
@@ -95,7 +95,8 @@ def remove(args: ModelArgs, stream: bool) -> None:
     checked on inputs inferred from its config and written back as a folder (FOLDER.plain/) only
     where from_pretrained reloads it the same; a class that weight-norms its layers when it is
     built does not (it would re-apply weight norm and drop the plain weights), so that model is
-    written as FOLDER.plain.pt with a note, and -o DIR is refused.
+    written as FOLDER.plain.pt with a note, and -o DIR is refused. --stream (one block at a time)
+    writes only a folder, so it refuses such a class with that reason.
 
     \b
     Examples:
@@ -105,11 +106,13 @@ def remove(args: ModelArgs, stream: bool) -> None:
     """
     from ..passes.weight_norm import remove_weight_norm
 
+    refuse_full_check_alone(stream, full_check)
     if stream:
         job = StreamedSurgery("weightnorm remove", lambda model, inputs: remove_weight_norm(model, example_inputs=inputs),
                               subject="the model without weight norm",
                               require=lambda report: _require_changes(report, args.model_path))
-        return run_streamed(args, job, "plain", title="normsurgeon weightnorm remove", facts=lambda report: {}, atol=None, rtol=None)
+        return run_streamed(args, job, "plain", title="normsurgeon weightnorm remove", facts=lambda report: {},
+                            atol=None, rtol=None, full_check=full_check)
     state_dict = None if args.factory or args.weights else _bare_state_dict(args.model_path)
     if state_dict is not None:
         _remove_from_state_dict(args, state_dict)

@@ -78,14 +78,17 @@ class _Carried:
 
 def stream_surgery(folder: Path, output: Path, job: StreamedSurgery, make_inputs: Callable[[nn.Module], ExampleInputs],
                    *, atol: float | None = None, rtol: float | None = None, force: bool = False,
-                   protect: list[Path] | None = None, progress: bool = False) -> Report:
-    """Apply ``job`` to the save_pretrained ``folder`` block by block and write the result to ``output``."""
+                   protect: list[Path] | None = None, progress: bool = False, full_check: bool = False) -> Report:
+    """Apply ``job`` to the save_pretrained ``folder`` block by block and write the result to ``output``;
+    ``full_check``: also load the original and the written folder whole and compare them (when both fit)."""
     check_directory_target(output, force=force, protect=protect or [folder])
     plan = blueprint(folder)
     staging = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
     staging.mkdir()
     try:
-        report = _stream(plan, staging, job, make_inputs, atol, rtol, progress)
+        report, inputs = _stream(plan, staging, job, make_inputs, atol, rtol, progress)
+        if full_check and report.passed:
+            report.checks.append(_whole_model_check(folder, staging, inputs, report, atol, rtol))
         raise_if_failed(report, job.subject)
         job.require(report)
         put_in_place(staging, output)
@@ -95,7 +98,7 @@ def stream_surgery(folder: Path, output: Path, job: StreamedSurgery, make_inputs
 
 
 def _stream(plan: Blueprint, staging: Path, job: StreamedSurgery, make_inputs: Callable[[nn.Module], ExampleInputs],
-            atol: float | None, rtol: float | None, progress: bool) -> Report:
+            atol: float | None, rtol: float | None, progress: bool) -> tuple[Report, ExampleInputs]:
     ends, inputs, out_config, report, carried = _edit_ends(plan, job, make_inputs, atol, rtol)
     writer = ShardWriter(staging, _layout(plan, ends, out_config), plan.checkpoint.file_metadata)
     for name, tensor in ends.items():
@@ -122,7 +125,20 @@ def _stream(plan: Blueprint, staging: Path, job: StreamedSurgery, make_inputs: C
     report.notes.append(f"streamed: {plan.count} blocks of {plan.stack} edited one at a time; each checked on the "
                         "activations carried from the block before" + (", against the original's centred stream"
                                                                        if carried.centred else ""))
-    return report
+    return report, inputs
+
+
+def _whole_model_check(folder: Path, staging: Path, inputs: ExampleInputs, report: Report, atol: float | None,
+                       rtol: float | None) -> Check:
+    """The original and the written folder loaded whole by from_pretrained, compared on the example inputs."""
+    from ..io.huggingface import load_pretrained_dir
+
+    with torch.no_grad():
+        original = main_output(inputs.call(load_pretrained_dir(folder)))
+        written = main_output(inputs.call(load_pretrained_dir(staging)))
+    report.notes.append("--full-check: the original and the written folder were loaded whole and compared")
+    return compare_outputs(original, written, atol=atol, rtol=rtol, prefix="logits",
+                           label="whole model: from_pretrained(written) vs from_pretrained(original)")
 
 
 def _edit_ends(plan: Blueprint, job: StreamedSurgery, make_inputs: Callable[[nn.Module], ExampleInputs],
@@ -198,6 +214,11 @@ def in_architecture(edited: nn.Module, arch: nn.Module, report: Report) -> dict[
             tensors[key] = (torch.ones if leaf == "weight" else torch.zeros)(slot.shape, dtype=slot.dtype)
             neutral.append(owner)
             continue
+        if ".parametrizations." in key:
+            raise PreconditionError(
+                f"{type(arch).__name__} builds {key.split('.parametrizations.')[0]} with a parametrization (weight "
+                "norm) itself, so a save_pretrained folder of this class cannot hold its plain weight; drop --stream "
+                "to write a .pt file instead")
         raise PreconditionError(f"the edited model has no tensor for {key}, which {type(arch).__name__} loads; "
                                 "drop --stream to write a .pt file instead")
     extra = [key for key in state if key not in wanted]

@@ -8,8 +8,8 @@ block being edited. The whole model is only ever built on the meta device, to fi
 Parameters are allocated without initialisation (transformers' ``no_init_weights``): untouched
 pages cost no memory, and every one is replaced by a tensor read from the checkpoint. Buffers
 computed at build time (rotary frequencies) are real. Config lists with one entry per layer
-(``layer_types``: Gemma's sliding/full attention) are cut to the block's own entry, so the skeleton
-block computes what that block computes in the full model.
+(``layer_types``: Gemma's sliding/full attention; ``no_rope_layers``) are cut to the block's own
+entry, so the skeleton block computes what that block computes in the full model.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from ..errors import LoadError, PreconditionError
 from ..io.huggingface import CONFIG, import_transformers, model_class_of, offline, quiet_transformers, read_config
 from ..io.safetensors_shards import ShardedCheckpoint
 
-_NOT_PER_LAYER = frozenset({"architectures"})
 
 
 @dataclass
@@ -89,7 +88,7 @@ def one_block_config(plan: Blueprint, index: int, *, vocab: int | None = None, c
     """``config`` (default: the folder's) cut to block ``index`` alone; ``vocab``: a smaller vocabulary."""
     config = copy.deepcopy(plan.config if config is None else config)
     for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == plan.count and key not in _NOT_PER_LAYER:
+        if isinstance(value, list) and len(value) == plan.count and "layer" in key:  # layer_types, no_rope_layers
             setattr(config, key, [value[index]])
     config.num_hidden_layers = 1
     if vocab is not None and vocab < config.vocab_size:

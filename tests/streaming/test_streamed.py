@@ -217,3 +217,26 @@ def _stack(model: nn.Module) -> str:
 
 def _weight_map(folder: Path) -> dict[str, str]:
     return json.loads((folder / INDEX).read_text())["weight_map"]
+
+
+def test_full_check_loads_both_folders_whole_and_compares(folders, tmp_path: Path, cli) -> None:
+    folder, _ = folders("llama")
+    result = cli("fold", folder, "--affine", "--stream", "--full-check", "-o", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    whole = json.loads(result.stdout)["checks"][-1]
+    assert whole["label"].startswith("whole model") and whole["passed"] and whole["max_abs_diff"] < TOLERANCE
+    alone = cli("fold", folder, "--affine", "--full-check", "-o", tmp_path / "other")
+    assert alone.returncode != 0 and "--full-check checks a --stream run" in alone.stderr
+
+
+def test_weightnorm_remove_streamed_refuses_a_class_that_builds_weight_norm(tmp_path: Path, cli) -> None:
+    tf = pytest.importorskip("transformers")
+    config = tf.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                               num_conv_pos_embedding_groups=4, vocab_size=32)
+    tf.Wav2Vec2Model(config).save_pretrained(tmp_path / "w2v")
+    result = cli("weightnorm", "remove", tmp_path / "w2v", "--stream")
+    assert result.returncode != 0
+    assert ("Wav2Vec2Model builds encoder.pos_conv_embed.conv with a parametrization (weight norm) itself"
+            in result.stderr)
+    assert not (tmp_path / "w2v.plain").exists()
