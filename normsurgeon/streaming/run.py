@@ -18,6 +18,7 @@ into place only when every comparison passed.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import secrets
 import shutil
@@ -105,11 +106,13 @@ def _stream(plan: Blueprint, staging: Path, job: StreamedSurgery, make_inputs: C
         writer.write(name, tensor)
     ends_names = list(ends)
     del ends
+    gc.collect()  # a transformers model holds reference cycles: free the ends before the blocks come in
     small_ends = _small_ends(plan)
     small_inputs = within_vocabulary(inputs, SMALL_VOCABULARY)
     with _progress(progress, plan.count) as advance:
         for index in range(plan.count):
             block_report = _edit_block(plan, index, job, small_ends, small_inputs, out_config, carried, writer)
+            gc.collect()
             report.changes += block_report.changes
             report.skipped += block_report.skipped
             report.left_out += block_report.left_out
@@ -330,7 +333,10 @@ def _head(plan: Blueprint, config: Any, checkpoint: ShardedCheckpoint, names: li
     stack_module(model, plan)[0] = block
     load(model, checkpoint.read(names))
     with torch.no_grad():
-        return main_output(inputs.call(model))
+        output = main_output(inputs.call(model))
+    del model
+    gc.collect()
+    return output
 
 
 def _check(carried: _Carried) -> Check:
