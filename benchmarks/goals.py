@@ -141,6 +141,16 @@ def _export_cost_goal(rows: list[dict]) -> list[Goal]:
 
 
 def _pass_cost_goals(rows: list[dict]) -> list[Goal]:
+    """The pass-cost goals for each input size the rows were measured at, the size in each goal's name."""
+    sizes: dict[int | None, list[dict]] = {}
+    for row in rows:
+        sizes.setdefault(row.get("input_size"), []).append(row)
+    return [(goal + (f", {size}×{size} input" if size else ""), verdict, numbers)
+            for size, group in sorted(sizes.items(), key=lambda item: item[0] or 0)
+            for goal, verdict, numbers in _pass_cost_goals_at_one_size(group)]
+
+
+def _pass_cost_goals_at_one_size(rows: list[dict]) -> list[Goal]:
     out: list[Goal] = []
     by = {(r["depth"], r["method"]): r for r in rows}
     depths = sorted({r["depth"] for r in rows})

@@ -1,7 +1,9 @@
 """The cost of the passes themselves: time and peak extra memory of folding, by depth.
 
-On ResNet-style models (``models.resnet.build_resnet(depth, width=...)``, one 32x32 image as
-the example input) of growing depth, each method runs on a fresh deep copy of the model:
+On ResNet-style models (``models.resnet.build_resnet(depth, width=...)``) of growing depth, with
+one image of each requested size as the example input (32x32 by default; ``python -m benchmarks.run
+--only pass_cost --input-size 32,224`` measures both), each method runs on a fresh deep copy of the
+model:
 
 * ``forward`` — one plain no-grad forward pass, for scale;
 * ``ns_trace`` — normsurgeon's dataflow trace alone (part of the fold);
@@ -28,6 +30,8 @@ the passes down unevenly:
   time is taken there.
 
 A warm-up run on a small model first loads the code paths, so their pages are not counted.
+A call on a larger image does (size/32)² times the work of a 32x32 one and varies relatively less,
+so it is repeated fewer times (``reps_at``): the same pixel work, but at least 5 times.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from pathlib import Path
 
 METHODS = ("forward", "ns_trace", "ns_fold", "fx_fuse_copy", "fx_fuse_inplace")
 PEERS = ("fx_fuse_copy", "fx_fuse_inplace")
+BASE_SIZE = 32  # the input size ``reps`` is given for
+MIN_REPS = 5
 _STATUS = "/proc/self/status"
 
 
@@ -95,8 +101,13 @@ def _method(name: str):
     }[name]
 
 
-def _load(model_path: str, threads: int, warm_up: list[str]):
-    """The saved model and its example inputs, after one warm-up call of each method on a small model."""
+def reps_at(size: int, reps: int) -> int:
+    """Repetitions at ``size``×``size``: ``reps`` at 32×32, fewer for larger images (never under 5 or ``reps``)."""
+    return max(min(reps, MIN_REPS), round(reps * BASE_SIZE**2 / size**2))
+
+
+def _load(model_path: str, threads: int, warm_up: list[str], size: int):
+    """The saved model and one ``size``×``size`` image, after a warm-up call of each method on a small model."""
     import warnings
 
     import torch
@@ -106,7 +117,7 @@ def _load(model_path: str, threads: int, warm_up: list[str]):
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
-    inputs = images(1)
+    inputs = images(1, size=size)
     for name in warm_up:  # load code paths (and their pages) before anything is measured
         _result = _method(name)(build_resnet(18, width=4), inputs)
         del _result
@@ -118,9 +129,9 @@ def _fold_check(result) -> dict:
     return {"passed": check.passed, "max_abs_diff": check.max_abs_diff, "atol": check.atol, "rtol": check.rtol}
 
 
-def measure_time(model_path: str, reps: int, threads: int) -> list[dict]:
+def measure_time(model_path: str, reps: int, threads: int, size: int) -> list[dict]:
     """CPU seconds of every method on deep copies of the model, interleaved in shuffled rounds."""
-    model, inputs = _load(model_path, threads, list(METHODS))
+    model, inputs = _load(model_path, threads, list(METHODS), size)
     runs = {name: _method(name) for name in METHODS}
     seconds: dict[str, list[float]] = {name: [] for name in METHODS}
     check = None
@@ -146,9 +157,9 @@ def measure_time(model_path: str, reps: int, threads: int) -> list[dict]:
     ]
 
 
-def measure_memory(model_path: str, method: str, reps: int, threads: int) -> dict:
+def measure_memory(model_path: str, method: str, reps: int, threads: int, size: int) -> dict:
     """Peak extra RSS of ``method`` on deep copies of the model (median over ``reps`` calls)."""
-    model, inputs = _load(model_path, threads, [method])
+    model, inputs = _load(model_path, threads, [method], size)
     run = _method(method)
     peaks = []
     can_reset = _reset_peak()
@@ -194,9 +205,13 @@ def _run_worker(jobs: list[dict], threads: int, probe: str) -> list[dict]:
 
 
 def run_pass_cost(
-    *, depths: tuple[int, ...], width: int, reps: int, threads: int, one_process: bool = False
+    *, depths: tuple[int, ...], width: int, reps: int, threads: int, input_sizes: tuple[int, ...] = (BASE_SIZE,),
+    one_process: bool = False,
 ) -> list[dict]:
-    """One row per (depth, method). ``one_process`` measures every method's memory in one worker (smoke mode)."""
+    """One row per (input size, depth, method), ``reps`` calls at 32×32 (``reps_at`` elsewhere).
+
+    ``one_process`` measures every method's memory in one worker (smoke mode).
+    """
     import torch
 
     from benchmarks.subjects import count_batchnorms, weight_bytes
@@ -213,16 +228,27 @@ def run_pass_cost(
                 "batchnorms": count_batchnorms(model),
                 "convs": sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
             }
-            timed = _run_worker([{"model_path": path, "reps": reps}], threads, "time")
-            jobs = [{"model_path": path, "method": m, "reps": reps} for m in METHODS]
-            batches = [jobs] if one_process else [[job] for job in jobs]
-            sized = [result for batch in batches for result in _run_worker(batch, threads, "memory")]
-            for time_result, memory_result in zip(timed, sized, strict=True):
-                row = {**facts, **time_result, **memory_result}
-                rows.append(row)
-                mem = row["peak_extra_bytes"]
-                share = f"{mem / row['weight_bytes']:.2f}x weights" if mem is not None else "n/a"
-                print(f"  pass resnet{depth} {row['method']}: {row['seconds']:.3f}s, peak extra {share}", flush=True)
+            for size in input_sizes:
+                rows += _measure(path, {**facts, "input_size": size, "reps": reps_at(size, reps)}, threads, one_process)
+    return rows
+
+
+def _measure(path: str, facts: dict, threads: int, one_process: bool) -> list[dict]:
+    """Time (one worker, interleaved) and peak memory (a worker per method) of every method on one input size."""
+    job = {"model_path": path, "reps": facts["reps"], "size": facts["input_size"]}
+    timed = _run_worker([job], threads, "time")
+    jobs = [{**job, "method": m} for m in METHODS]
+    batches = [jobs] if one_process else [[job] for job in jobs]
+    sized = [result for batch in batches for result in _run_worker(batch, threads, "memory")]
+    rows = []
+    for time_result, memory_result in zip(timed, sized, strict=True):
+        row = {**facts, **time_result, **memory_result}
+        rows.append(row)
+        mem = row["peak_extra_bytes"]
+        share = f"{mem / row['weight_bytes']:.2f}x weights" if mem is not None else "n/a"
+        size = row["input_size"]
+        print(f"  pass resnet{row['depth']} {size}x{size} {row['method']}: {row['seconds']:.3f}s, peak extra {share}",
+              flush=True)
     return rows
 
 
@@ -234,9 +260,9 @@ def main() -> None:
     args = parser.parse_args()
     for job in json.loads(args.worker):
         if args.probe == "time":
-            results = measure_time(job["model_path"], job["reps"], args.threads)
+            results = measure_time(job["model_path"], job["reps"], args.threads, job["size"])
         else:
-            results = [measure_memory(job["model_path"], job["method"], job["reps"], args.threads)]
+            results = [measure_memory(job["model_path"], job["method"], job["reps"], args.threads, job["size"])]
         for result in results:
             print(json.dumps(result), flush=True)
 

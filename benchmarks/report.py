@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.goals import EAGER_TARGET, ONNX_TARGET, export_overhead, fold_ratio, goals, same_program
-from benchmarks.pass_cost import PEERS
+from benchmarks.pass_cost import BASE_SIZE, PEERS
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.report -->"
 END = "<!-- END GENERATED -->"
@@ -179,17 +179,21 @@ def _check_cell(check: dict | None) -> str:
     return f"**failed**: {check['max_abs_diff']:.1e} > {check['atol']:g} + {check['rtol']:g}·max|out|"
 
 
+def _size(row: dict) -> int:
+    return row.get("input_size", BASE_SIZE)  # rows from before the size was recorded were all 32×32
+
+
 def pass_section(section: dict) -> str:
-    by_depth: dict[int, dict[str, dict]] = {}
+    by_run: dict[tuple[int, int], dict[str, dict]] = {}
     for row in section["rows"]:
-        by_depth.setdefault(row["depth"], {})[row["method"]] = row
+        by_run.setdefault((_size(row), row["depth"]), {})[row["method"]] = row
     time_rows, mem_rows = [], []
-    for depth, methods in sorted(by_depth.items()):
+    for (size, depth), methods in sorted(by_run.items()):
         any_row = next(iter(methods.values()))
         weights = any_row["weight_bytes"]
         fold = methods.get("ns_fold", {}).get("seconds")
         time_rows.append([
-            f"ResNet-{depth}", any_row["batchnorms"], _mb(weights),
+            f"ResNet-{depth}", f"{size}×{size}", any_row["batchnorms"], _mb(weights),
             *(f"{methods[k]['seconds']:.3f}" if k in methods else "–" for k, _ in PASS_METHODS),
             " / ".join(f"{fold_ratio(methods['ns_fold'], methods[peer], peer):.2f}" for peer in PEERS)
             if fold and all(peer in methods for peer in PEERS) else "–",
@@ -197,7 +201,7 @@ def pass_section(section: dict) -> str:
             _check_cell(methods.get("ns_fold", {}).get("check")),
         ])
         mem_rows.append([
-            f"ResNet-{depth}", _mb(weights),
+            f"ResNet-{depth}", f"{size}×{size}", _mb(weights),
             *(
                 f"{_mb(methods[k]['peak_extra_bytes'])} ({methods[k]['peak_extra_bytes'] / weights:.1%})"
                 if k in methods and methods[k]["peak_extra_bytes"] is not None else "–"
@@ -206,15 +210,19 @@ def pass_section(section: dict) -> str:
             _beyond_forward(methods),
         ])
     width = section["rows"][0]["width"] if section["rows"] else "?"
+    sizes = " and ".join(f"{s}×{s}" for s in sorted({size for size, _ in by_run}))
+    runs = sorted({(_size(r), r["reps"]) for r in section["rows"] if "reps" in r})
+    reps = ", ".join(f"{n} at {s}×{s}" for s, n in runs)
     return "\n".join([
-        f"### 3. Cost of the passes, ResNet width {width}, one 32×32 image as the example input",
+        f"### 3. Cost of the passes, ResNet width {width}, one image ({sizes}) as the example input",
         "",
         _command(section),
         "",
-        ("Median process CPU seconds per call on a fresh copy; the methods of one depth run interleaved in one "
-         "fresh process (shuffled rounds), and fold ÷ fx.fuse is the median of the per-round ratios:"),
+        ("Median process CPU seconds per call on a fresh copy; the methods of one depth and input size run "
+         "interleaved in one fresh process (shuffled rounds), and fold ÷ fx.fuse is the median of the per-round "
+         f"ratios{f' (calls per method: {reps})' if reps else ''}:"),
         "",
-        _table(["model", "BNs", "weights MiB", *(name for _, name in PASS_METHODS),
+        _table(["model", "input", "BNs", "weights MiB", *(name for _, name in PASS_METHODS),
                 "fold ÷ fx.fuse (copy / inplace)", "fold ms per BN", "fold's own check"], time_rows),
         "",
         ("*fold's own check*: `fold_batchnorm` compares the folded model with the original (default fp32 "
@@ -225,7 +233,8 @@ def pass_section(section: dict) -> str:
         "`VmHWM` reset via `/proc/self/clear_refs` just before the call, minus `VmRSS` then "
         "(`tracemalloc` does not see torch's CPU tensors):"),
         "",
-        _table(["model", "weights MiB", *(name for _, name in PASS_METHODS), "ns fold − forward"], mem_rows),
+        _table(["model", "input", "weights MiB", *(name for _, name in PASS_METHODS), "ns fold − forward"],
+               mem_rows),
         "",
         ("*ns fold − forward*: the fold's peak beyond what one plain forward pass of the model needs "
          "(the trace and the check each run the model once; inference needs that memory anyway)."),

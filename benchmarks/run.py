@@ -1,8 +1,9 @@
 """Run every benchmark and write the results, tables, plot and README section: one command.
 
-    python -m benchmarks.run                 # full run (~15 min on 2 cores), updates benchmarks/README.md
+    python -m benchmarks.run                 # full run (~22 min on 2 cores), updates benchmarks/README.md
     python -m benchmarks.run --quick         # smoke: one small model, few repetitions, seconds
     python -m benchmarks.run --only onnx     # re-measure one section, keep the others' results
+    python -m benchmarks.run --only pass_cost --input-size 32   # the pass cost at 32x32 only
 
 Results go to ``--out`` (default ``benchmarks/results``): ``results.json`` (every number,
 the environment, the command that produced each section), ``tables.md`` and
@@ -17,7 +18,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from benchmarks import report
@@ -39,14 +40,16 @@ class Config:
     depths: tuple[int, ...]
     width: int
     pass_reps: int
+    input_sizes: tuple[int, ...]  # the pass cost's example image sizes (one image each)
     export_reps: int
     transformers: bool
 
 
 FULL = Config(batches=(1, 8), eager_rounds=101, onnx_rounds=61, min_block_s=0.005,
-              depths=(18, 50, 101, 152), width=32, pass_reps=15, export_reps=3, transformers=True)
+              depths=(18, 50, 101, 152), width=32, pass_reps=15, input_sizes=(32, 224), export_reps=3,
+              transformers=True)
 QUICK = Config(batches=(1,), eager_rounds=5, onnx_rounds=5, min_block_s=0.001,
-               depths=(18,), width=4, pass_reps=1, export_reps=1, transformers=False)
+               depths=(18,), width=4, pass_reps=1, input_sizes=(32,), export_reps=1, transformers=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,15 +58,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results.json, tables.md, the plot")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--input-size", type=_sizes, default=None, metavar="S[,S...]",
+                        help="pass_cost: example image sizes, one S×S image each (default 32,224; --quick: 32)")
     parser.add_argument("--readme", default=None,
                         help=f"README to update ('none' for none; default {DEFAULT_README} unless --quick)")
     return parser.parse_args(argv)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes separated by commas, e.g. 32,224; got {text!r}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     config = QUICK if args.quick else FULL
+    if args.input_size:
+        config = replace(config, input_sizes=args.input_size)
     readme = None if args.readme == "none" else Path(args.readme) if args.readme else (None if args.quick else DEFAULT_README)
     pin_threads(args.threads)
 
@@ -81,9 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
         rows = _run_section(name, chosen, config, args)
         sections[name] = {
             "command": command.strip(), "config": asdict(config), "seconds": time.perf_counter() - start,
-            "rows": rows, "quick": args.quick,
+            "rows": rows, "quick": args.quick, "environment": environment(args.threads),
         }
-    results = {"environment": environment(args.threads), "clock": "cpu", "sections": sections}
+    # with --only, the sections kept were measured where the previous run was; each section has its own
+    results = {"environment": previous.get("environment") or environment(args.threads), "clock": "cpu",
+               "sections": sections}
     args.out.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, default=str))
     written = report.write(results, args.out, readme=readme)
@@ -111,7 +130,7 @@ def _run_section(name: str, chosen, config: Config, args: argparse.Namespace) ->
     from benchmarks.pass_cost import run_pass_cost
 
     return run_pass_cost(depths=config.depths, width=config.width, reps=config.pass_reps, threads=args.threads,
-                         one_process=args.quick)
+                         input_sizes=config.input_sizes, one_process=args.quick)
 
 
 if __name__ == "__main__":
