@@ -64,6 +64,8 @@ class PassContext:
     example_inputs: ExampleInputs | None
     state: dict[str, Any] = field(default_factory=dict)  # a pass's own working state for this run, by pass name
     decisions: Decisions = field(default_factory=Decisions)  # what the original's data-dependent ops decided
+    edited: bool = False  # a pass changed the model since its outputs were last taken (by a check)
+    checked_outputs: Any = None  # the outputs the last check took (None: none yet, the model is the original)
 
     def knowing(self, *, flow: Trace | None = None, reference: Any = None) -> PassContext:
         """This context with its trace or original outputs given, not computed (a caller outside :func:`run`
@@ -297,6 +299,7 @@ def _run_one(one_pass: ModulePass, ctx: PassContext, atol: float | None, rtol: f
     if checked:
         ctx.reference  # noqa: B018  (before finish, which may still change the model)
     one_pass.finish(ctx, report)
+    ctx.edited = ctx.edited or applied or bool(report.changes)
     checks = _checks(one_pass, ctx, report, atol, rtol) if checked else []
     if checks:
         report.checks = checks
@@ -308,7 +311,7 @@ def _checks(one_pass: ModulePass, ctx: PassContext, report: Report, atol: float 
     if ctx.example_inputs is None:
         check = one_pass.check_without_inputs(ctx, atol, rtol)
         return [] if check is None else [check]
-    outputs = one_pass.outputs(ctx, report)
+    outputs = _outputs_now(one_pass, ctx, report)
     if ctx.decisions:  # the outputs pass through data-dependent ops (NMS, topk, thresholds): discrete_ops.py
         checks, notes = judge(ctx.decisions, ctx.model, ctx.example_inputs, ctx.reference, outputs,
                               lambda: one_pass.outputs(ctx, report), label=one_pass.check_label, atol=atol,
@@ -319,6 +322,18 @@ def _checks(one_pass: ModulePass, ctx: PassContext, report: Report, atol: float 
     if not check.passed and atol is None and rtol is None:  # tolerances the user gave are kept
         check = one_pass.review(ctx, report, outputs, check)
     return [check]
+
+
+def _outputs_now(one_pass: ModulePass, ctx: PassContext, report: Report) -> Any:
+    """The model's outputs for a pass's check: run it, unless no pass changed it since the last check took them
+    (or since the original's were taken): a fold pipeline's passes with nothing to do (no BatchNorm in an LLM,
+    no LayerNorm in a CNN) then cost no forward pass."""
+    if ctx.edited:
+        ctx.checked_outputs = one_pass.outputs(ctx, report)
+    elif ctx.checked_outputs is None:
+        ctx.checked_outputs = ctx.reference
+    ctx.edited = False
+    return ctx.checked_outputs
 
 
 def merge_reports(reports: Sequence[Report]) -> Report:
