@@ -225,6 +225,27 @@ def run(
     return merged
 
 
+def plan_only(pipeline: ModulePass | Sequential, model: nn.Module, example_inputs: InputsLike | None) -> Report | None:
+    """The report :func:`run` would give if no pass had anything to change (the skips and notes; no check
+    is needed), without changing ``model``; None when some pass would edit it (then run it on a copy).
+
+    A caller that would otherwise copy the model first (export) pays for the copy only when it is used.
+    """
+    passes = tuple(pipeline) if isinstance(pipeline, Sequential) else (pipeline,)
+    ctx = PassContext(model, _refuse(passes, model, example_inputs))
+    reports = []
+    for one_pass in passes:
+        ctx.next_pass()
+        report = Report(one_pass.report_name, model=model)
+        for item in one_pass.plan(ctx):
+            if not isinstance(item, Skip):
+                return None
+            report.skipped.append(item)
+        one_pass.finish(ctx, report)
+        reports.append(report)
+    return merge_reports(reports)
+
+
 def _refuse(passes: Sequence[ModulePass], model: nn.Module, example_inputs: Any) -> ExampleInputs | None:
     """Unusable inputs or wrappers, and a model in training mode where a pass needs eval mode (one error);
     the inputs as one value (None: none given, and no pass needs them)."""

@@ -1,10 +1,12 @@
 """Export a model to ONNX (fold first), save it atomically, and prove it in onnxruntime.
 
-Pipeline: deep copy → pre-export passes run as one pipeline (weight norm and weight
-standardization baked, summed conv+BN branches merged, BatchNorm folded; the list is
-:func:`~normsurgeon.passes.registry.pre_export_passes`) → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a
-temp file → :func:`~normsurgeon.onnx.verify.verify_onnx` of that file against the caller's
-*original* (unfolded) model → rename over the target. A failed export, save or onnxruntime
+Pipeline: pre-export passes run as one pipeline (weight norm and weight standardization baked,
+summed conv+BN branches merged, BatchNorm folded; the list is
+:func:`~normsurgeon.passes.registry.pre_export_passes`) on a deep copy — only when they have
+something to change: otherwise (an LLM) the model itself is exported, in eval mode, and no copy is
+made → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a temp file → the copy and the
+exported program released → :func:`~normsurgeon.onnx.verify.verify_onnx` of that file against the
+caller's *original* (unfolded) model → rename over the target. A failed export, save or onnxruntime
 load leaves no output behind; a numerical mismatch keeps the file and fails the report.
 
 Default opset, measured (torch 2.13, onnxscript 0.7.2, onnx 1.23, onnxruntime 1.32 CPU) on a
@@ -28,6 +30,7 @@ default is 23: the highest opset where ORT runs the export and every norm is a n
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import linecache
 import logging
@@ -54,9 +57,9 @@ from ..errors import ExportError, LoadError
 from ..inputs import ExampleInputs, InputsLike, PlainInputs
 from ..io.saving import named_temp, write_atomically
 from ..passes.registry import pre_export_passes
-from ..pipeline import run
+from ..pipeline import plan_only, run
 from ..report import Report
-from ..surgery import copy_model
+from ..surgery import copy_model, eval_mode
 from .dynamic_axes import (
     Axis,
     Dynamic,
@@ -116,41 +119,56 @@ def export_onnx(
     inputs = ExampleInputs.of(plain)
     axes = resolve_axes(model, plain, _as_dynamic(dynamic, dynamic_batch))
     report = Report("export")
-    work = copy_model(model)
     if model.training:
         report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
-    work.eval()
-    _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
-    report.model = work
-    axes = runnable_axes(work, plain, axes, report.notes)
+    with eval_mode(model):
+        work = _pre_export(model, inputs, fold, atol, rtol, report)
+        axes = runnable_axes(work, plain, axes, report.notes)
 
-    def write(tmp: Path) -> None:
-        program, kept = _export(work, plain, opset, axes, verbose, report)
-        tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
-        report.facts.update(describe_model(program.model))
-        if not fold:
-            _note_batchnorms_torch_folded(work, report)
-        try:
-            verified = verify_onnx(
-                model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,
-                extra_inputs=verification_inputs(plain, kept), axes=kept,
-            )
-        except LoadError as exc:
-            raise ExportError(
-                f"onnxruntime cannot load the exported model ({_cause_line(exc)}); export a float32 model "
-                f"or try another --opset (default {DEFAULT_OPSET})"
-            ) from exc
-        _merge(report, verified)
-        report.facts["providers"] = verified.facts["providers"]
-        report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
-        if axes:
-            report.facts["dynamic_axes"] = describe_axes(kept)
-        if kept:  # every axis asked for may have been kept static (noted): then only the example's sizes ran
-            report.facts["sizes_verified"] = verified.facts["sizes_verified"]
+        def write(tmp: Path) -> None:
+            nonlocal work
+            program, kept = _export(work, plain, opset, axes, verbose, report)
+            tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
+            report.facts.update(describe_model(program.model))
+            if not fold:
+                _note_batchnorms_torch_folded(work, report)
+            del program
+            work = None  # the copy and the exported program go before onnxruntime loads the file
+            gc.collect()
+            try:
+                verified = verify_onnx(
+                    model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,
+                    extra_inputs=verification_inputs(plain, kept), axes=kept,
+                )
+            except LoadError as exc:
+                raise ExportError(
+                    f"onnxruntime cannot load the exported model ({_cause_line(exc)}); export a float32 model "
+                    f"or try another --opset (default {DEFAULT_OPSET})"
+                ) from exc
+            _merge(report, verified)
+            report.facts["providers"] = verified.facts["providers"]
+            report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
+            if axes:
+                report.facts["dynamic_axes"] = describe_axes(kept)
+            if kept:  # every axis asked for may have been kept static (noted): then only the example's sizes ran
+                report.facts["sizes_verified"] = verified.facts["sizes_verified"]
 
-    _write_with_data_cleanup(path, write, force=force, protect=protect)
+        _write_with_data_cleanup(path, write, force=force, protect=protect)
     report.facts["file_bytes"] = path.stat().st_size
     return report
+
+
+def _pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float | None, rtol: float | None,
+                report: Report) -> nn.Module:
+    """The model to export: ``model`` itself when the pre-export passes have nothing to change (LLMs: no
+    BatchNorm, no weight norm), else a copy they changed (and checked)."""
+    unchanged = plan_only(pre_export_passes(fold=fold), model, inputs)
+    if unchanged is not None:
+        _merge(report, unchanged)
+        return model
+    work = copy_model(model).eval()
+    _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
+    return work
 
 
 def _note_batchnorms_torch_folded(model: nn.Module, report: Report) -> None:

@@ -307,9 +307,10 @@ class RemoveWeightNorm(ModulePass):
         return [Change("weight norm removed", edit.path, None, f"{name}: {style} API, dim={dim}")]
 
     def finish(self, ctx: PassContext, report: Report) -> None:
-        for module in ctx.model.modules():
-            if not parametrize.is_parametrized(module):
-                _drop_compat_hooks(module)
+        if report.changes:  # a model this pass did not touch keeps its hooks
+            for module in ctx.model.modules():
+                if not parametrize.is_parametrized(module):
+                    _drop_compat_hooks(module)
         report.facts["removed"] = len(report.changes)
 
     def check_without_inputs(self, ctx: PassContext, atol: float | None, rtol: float | None) -> Check:
