@@ -42,11 +42,14 @@ _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "c
                    "Alone: only the named inputs are dynamic; with --dynamic: they replace that input's defaults.")
 @click.option("--dynamic-batch", is_flag=True,
               help="Make dim 0 of every input symbolic; the file is then verified at two batch sizes.")
+@click.option("--external-data", is_flag=True,
+              help="Put the weights in MODEL.onnx.data beside the file, whatever their size (always done above "
+                   "protobuf's 2 GiB limit).")
 @_PROVIDER
 @tolerance_options
 @model_command
 def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dynamic_axes: tuple[str, ...],
-           dynamic_batch: bool, providers: str, atol: float | None, rtol: float | None) -> None:
+           dynamic_batch: bool, external_data: bool, providers: str, atol: float | None, rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -67,7 +70,8 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dyn
     out_path = opened.output_file(onnx_path_for(args.model_path))
     report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,
                          dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
-                         rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose)
+                         rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose,
+                         external_data=external_data)
     opened.emit(report, title="normsurgeon export", facts={"output": str(out_path)}, extra={"output": str(out_path)})
 
 

@@ -73,6 +73,7 @@ from .dynamic_axes import (
     verification_inputs,
     widened,
 )
+from .inline_save import save_inline
 from .runtime import resolve_providers
 from .verify import verify_onnx
 
@@ -100,6 +101,7 @@ def export_onnx(
     force: bool = False,
     protect: Sequence[Path] = (),
     verbose: bool = False,
+    external_data: bool = False,
 ) -> Report:
     """Export ``model`` to ``path`` as ONNX and verify it in onnxruntime; ``model`` is not changed.
 
@@ -109,8 +111,10 @@ def export_onnx(
     to :data:`DEFAULT_OPSET`. ``dynamic`` makes input dims symbolic: True for the defaults per
     modality, ``{input: {dim: symbol}}`` for those axes, or a :class:`~normsurgeon.onnx.dynamic_axes.Dynamic`;
     ``dynamic_batch`` makes dim 0 of every tensor input ``batch``. The file is verified at two sizes
-    along every dynamic axis. ``report.passed`` is False when onnxruntime's outputs differ from
-    the original model's; a model that cannot be exported raises :class:`ExportError`.
+    along every dynamic axis. The weights go inline, or to ``<path>.data`` beside the file when they
+    exceed protobuf's 2 GiB or ``external_data`` asks for it. ``report.passed`` is False when
+    onnxruntime's outputs differ from the original model's; a model that cannot be exported raises
+    :class:`ExportError`.
     """
     path = Path(path)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -128,7 +132,8 @@ def export_onnx(
         def write(tmp: Path) -> None:
             nonlocal work
             program, kept = _export(work, plain, opset, axes, verbose, report)
-            tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report)
+            tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report,
+                        external_data=external_data)
             report.facts.update(describe_model(program.model))
             if not fold:
                 _note_batchnorms_torch_folded(work, report)
@@ -321,9 +326,11 @@ def quiet(verbose: bool = False) -> Iterator[None]:
 
 
 def _save(
-    model: ir.Model, tmp: Path, target: Path, *, force: bool, protect: Sequence[Path], report: Report
+    model: ir.Model, tmp: Path, target: Path, *, force: bool, protect: Sequence[Path], report: Report,
+    external_data: bool = False,
 ) -> Path:
-    """Write ``model`` to ``tmp``: weights inline, or in ``<target>.data`` when too big to inline.
+    """Write ``model`` to ``tmp``: weights inline (streamed, one tensor at a time: no serialization spike), or
+    in ``<target>.data`` when too big to inline or ``external_data`` asks for it.
 
     Returns the path the file is now at: ``tmp`` (an anonymous temp file, see
     :func:`~normsurgeon.io.saving.write_atomically`), or, with external data, a named temp beside
@@ -331,8 +338,8 @@ def _save(
     and renamed into place, and onnxruntime finds the data file beside the .onnx when it verifies it.
     """
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if weights <= INLINE_WEIGHTS_LIMIT:
-        ir.save(model, tmp)
+    if weights <= INLINE_WEIGHTS_LIMIT and not external_data:
+        save_inline(model, tmp, staging_dir=target.parent)
         return tmp
     data = data_path(target)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as staging:
@@ -346,7 +353,7 @@ def _save(
         tmp = named_temp(tmp)
         os.replace(staged, tmp)
     report.facts["external_data_bytes"] = data.stat().st_size
-    size = f"{weights / 2**30:.2f} GiB"
+    size = f"{weights / 2**30:.2f} GiB" if weights >= 2**28 else f"{weights / 2**20:.1f} MiB"
     report.notes.append(f"the weights ({size}) are in {data.name}, which must travel with {target.name}")
     return tmp
 
