@@ -14,7 +14,9 @@ LM's ``hidden_states[:, -k:, :]`` before ``lm_head``, GPT-2's ``view``): they co
 per-feature scale and shift. γ is the norm's *effective* scale: Gemma's RMSNorm multiplies by
 ``1 + w`` (:attr:`NormInfo.scale_offset`). The norm is left parameter-free: torch's layers lose their
 affine (``elementwise_affine=False``); a hand-written norm keeps its class with its weight set so the
-effective scale is 1 (``w = 1``, Gemma's ``w = 0``; bias 0), frozen. Arithmetic is float64, cast back once.
+effective scale is 1 (``w = 1``, Gemma's ``w = 0``; bias 0), frozen. Arithmetic is float64, cast back
+once (a float32 weight times a scale float32 holds is one float32 multiply: the same bits, without a
+float64 copy of the weight).
 """
 
 from __future__ import annotations
@@ -198,11 +200,29 @@ def fold_input_affine(module: nn.Module, gamma: torch.Tensor, beta: torch.Tensor
             shift = beta.to(w.device) @ w.detach().double()
         bias = ensure_bias(module, w.shape[1 - in_dim], w)
         new_bias = bias.detach().double() + shift.to(bias.device)
-    scale_channels_(w, gamma.to(w.device), channel_dim=in_dim)
+    scale_inputs_(w, gamma, in_dim)
     weight.commit()
     if beta is not None:
         with torch.no_grad():
             bias.copy_(new_bias.to(bias.dtype))
+
+
+def scale_inputs_(weight: torch.Tensor, gamma: torch.Tensor, in_dim: int) -> None:
+    """In place: each input feature's weights (along ``in_dim``) times its float64 ``gamma``, rounded once.
+
+    A float32 weight times a gamma that float32 holds exactly (a norm's stored scale) is one float32
+    multiply: the product of two float32 values is exact in float64, so float32's correctly rounded
+    product is the float64 product rounded, bit for bit, with no float64 copy of the weight. Anything
+    else (bf16 weights, a Gemma ``1 + w`` that float32 cannot hold) goes through float64 chunks.
+    """
+    narrow = gamma.to(torch.float32)
+    if weight.dtype != torch.float32 or not torch.equal(narrow.double(), gamma):
+        scale_channels_(weight, gamma.to(weight.device), channel_dim=in_dim)
+        return
+    shape = [1] * weight.dim()
+    shape[in_dim] = -1
+    with torch.no_grad():
+        weight.mul_(narrow.to(weight.device).view(shape))
 
 
 def strip_affine(info: NormInfo) -> None:
