@@ -90,17 +90,23 @@ class ShardedCheckpoint:
         """The shard file names, in order."""
         return sorted(self.file_metadata)
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, read from their shards (each a fresh CPU tensor)."""
+    def read(self, names: Iterable[str] | Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """The named tensors, read from their shards (each a fresh CPU tensor); given a mapping of names to
+        shapes, only each tensor's leading part of that shape is read (the first rows of an embedding)."""
         from safetensors import safe_open
 
+        shapes = names if isinstance(names, Mapping) else dict.fromkeys(names)
         by_file: dict[str, list[str]] = {}
-        for name in names:
+        for name in shapes:
             by_file.setdefault(self.entries[name].file, []).append(name)
         tensors = {}
         for file, wanted in by_file.items():
             with safe_open(str(self.folder / file), framework="pt", device="cpu") as handle:
-                tensors.update((name, handle.get_tensor(name)) for name in wanted)
+                for name in wanted:
+                    shape = shapes[name]
+                    whole = shape is None or tuple(shape) == self.entries[name].shape
+                    tensors[name] = handle.get_tensor(name) if whole else \
+                        handle.get_slice(name)[tuple(slice(0, size) for size in shape)]
         return tensors
 
 

@@ -86,6 +86,8 @@ def stream_surgery(folder: Path, output: Path, job: StreamedSurgery, make_inputs
     plan = blueprint(folder)
     staging = output.with_name(f".{output.name}.{secrets.token_hex(8)}.tmp")
     staging.mkdir()
+    gc.collect()
+    gc.freeze()  # the objects alive now (torch, transformers) are not scanned again by each block's collection
     try:
         report, inputs = _stream(plan, staging, job, make_inputs, atol, rtol, progress)
         if full_check and report.passed:
@@ -94,6 +96,7 @@ def stream_surgery(folder: Path, output: Path, job: StreamedSurgery, make_inputs
         job.require(report)
         put_in_place(staging, output)
     finally:
+        gc.unfreeze()
         shutil.rmtree(staging, ignore_errors=True)
     return report
 
@@ -257,12 +260,11 @@ def _layout(plan: Blueprint, ends: dict[str, torch.Tensor], out_config: Any) -> 
 
 
 def _untied(model: nn.Module) -> set[str]:
-    """The state_dict keys save_pretrained writes: the first of each group of tied tensors."""
+    """The state_dict keys save_pretrained writes: the first of each group of tied tensors (one Parameter)."""
     seen, keys = set(), set()
-    for key, tensor in model.state_dict().items():
-        where = (tensor.data_ptr(), tuple(tensor.shape)) if tensor.numel() else (key,)
-        if where not in seen:
-            seen.add(where)
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
             keys.add(key)
     return keys
 
@@ -276,12 +278,11 @@ def _beside(plan: Blueprint, name: str, default: str) -> str:
 
 
 def _small_ends(plan: Blueprint) -> dict[str, torch.Tensor]:
-    """The ends cut to the small vocabulary (their first rows): what a block's skeleton runs around it."""
+    """The ends cut to the small vocabulary (their first rows, only those read): what a block's skeleton runs
+    around it."""
     model = skeleton(plan, one_block_config(plan, 0, vocab=SMALL_VOCABULARY))
     wanted = model.state_dict()
-    ends = plan.checkpoint.read([name for name in plan.end_names if name in wanted])
-    return {name: tensor[tuple(slice(0, size) for size in wanted[name].shape)].clone()
-            for name, tensor in ends.items()}
+    return plan.checkpoint.read({name: tuple(wanted[name].shape) for name in plan.end_names if name in wanted})
 
 
 def _changed_config(plan: Blueprint, before: dict[str, Any], after: Any) -> Any:

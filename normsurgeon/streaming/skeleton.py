@@ -14,8 +14,10 @@ entry, so the skeleton block computes what that block computes in the full model
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,17 +73,37 @@ def blueprint(folder: Path) -> Blueprint:
 
 
 def build(model_class: type, config: Any, *, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """``model_class`` from ``config``, parameters uninitialised (on ``device``), in eval mode."""
+    """``model_class`` from ``config`` in eval mode: its parameters on the meta device (no memory, not even
+    address space: :func:`load` gives them their tensors), its buffers real (rotary frequencies are computed
+    when the model is built); with ``device="meta"`` everything on meta."""
     from transformers.initialization import no_init_weights
 
     options = {"dtype": dtype} if dtype is not None else {}
-    with offline(), quiet_transformers(), no_init_weights(), torch.device(device):
+    with offline(), quiet_transformers(), no_init_weights(), torch.device(device), _parameters_on_meta():
         try:
             model = model_class._from_config(config, **options)
         except Exception as exc:  # a config transformers cannot build from
             raise LoadError(f"transformers could not build {model_class.__name__} from the config ({type(exc).__name__}:"
                             f" {str(exc).splitlines()[0][:160] if str(exc) else ''}); check config.json") from exc
     return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered while building goes to the meta device as it is registered (accelerate's
+    ``init_empty_weights(include_buffers=False)``): a layer allocates one weight at a time, then drops it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def one_block_config(plan: Blueprint, index: int, *, vocab: int | None = None, config: Any = None) -> Any:
@@ -109,9 +131,8 @@ def load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     result = model.load_state_dict(tensors, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    given = {t.data_ptr() for t in tensors.values() if t.numel()}
     state = model.state_dict()
-    missing = [k for k in result.missing_keys if state[k].numel() and state[k].data_ptr() not in given]
+    missing = [k for k in result.missing_keys if state[k].numel() and state[k].is_meta]
     if result.unexpected_keys or missing:
         what = (f"tensors the model does not have ({result.unexpected_keys[0]})" if result.unexpected_keys
                 else f"no tensor for {missing[0]}")
