@@ -22,9 +22,11 @@ benchmark does not take), and ``sync`` (untimed) after each writer:
   block stack: embedding, final norm, head).
 
 The fixed overhead is the peak RSS of a process that imports normsurgeon, torch and transformers'
-Llama and does nothing. On the deepest checkpoint the stream also runs under ``prlimit --as`` (an
-address-space limit, which counts mapped shards and allocator reservations as well as resident
-pages) at :data:`LIMITS`, all below the checkpoint's size. On ``--logits-depth`` the written folder
+Llama and does nothing. On the deepest checkpoint the stream also runs under ``prlimit --data``
+(RLIMIT_DATA: the private writable memory the process may map — its tensors, heap and allocator
+reservations; the read-only mapped shards are not counted, their pages are the page cache's) at
+:data:`LIMITS`, all below the checkpoint's size. (An address-space limit, ``--as``, also counts the
+shards mapped for reading and torch's and glibc's reservations: ~3.5 GB here whatever the depth.) On ``--logits-depth`` the written folder
 and the original are loaded whole by ``from_pretrained`` and their logits compared on 16 tokens::
 
     python -m benchmarks.stream_memory                 # ~9 min on 2 cores (building the checkpoints: ~2 min)
@@ -51,7 +53,7 @@ WIDTH = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 
          "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 64}
 DEPTHS = (2, 4, 8, 16)
 SHARD = "500MB"
-LIMITS = (2 << 30, 3 << 30, int(3.4 * 2**30))  # address-space limits tried on the deepest checkpoint (bytes)
+LIMITS = (int(1.5 * 2**30), 2 << 30)  # RLIMIT_DATA limits tried on the deepest checkpoint (bytes)
 IDLE = "import normsurgeon, torch, transformers; from transformers import LlamaForCausalLM"
 COLUMNS = ("layers", "checkpoint (GB)", "largest block (MB)", "ends (MB)", "peak RSS (MB)", "RSS / (block + ends)",
            "(RSS - fixed) / (block + ends)", "peak address space (MB)", "stream wall (s)", "cp wall (s)", "wall / cp",
@@ -184,10 +186,11 @@ def _sync() -> float:
 
 
 def stream_command(folder: Path, output: Path, limit: int | None = None) -> list[str]:
-    """``normsurgeon fold FOLDER --affine --stream -o OUTPUT --json`` (under ``prlimit --as=LIMIT`` when given)."""
+    """``normsurgeon fold FOLDER --affine --stream -o OUTPUT --json`` (under ``prlimit --data=LIMIT`` when given:
+    the process's private writable memory, what its tensors and heap take; mapped shards are not counted)."""
     command = [sys.executable, "-m", "normsurgeon", "fold", str(folder), "--affine", "--stream", "-o", str(output),
                "--json"]
-    return ["prlimit", f"--as={limit}", *command] if limit else command
+    return ["prlimit", f"--data={limit}", *command] if limit else command
 
 
 def run_stream(folder: Path, output: Path, limit: int | None = None) -> dict:
@@ -263,13 +266,13 @@ def measure_depth(folder: Path, scratch: Path, overhead: int, reps: int = 1) -> 
 
 
 def under_limits(folder: Path, scratch: Path, limits: tuple[int, ...]) -> list[dict]:
-    """The stream of ``folder`` under each address-space limit: did it pass, its wall and peak RSS."""
+    """The stream of ``folder`` under each RLIMIT_DATA limit: did it pass, its wall and peak RSS."""
     rows = []
     for limit in limits:
         row = {"limit_bytes": limit, **run_stream(folder, scratch / "out", limit)}
         shutil.rmtree(scratch / "out", ignore_errors=True)
         rows.append(row)
-        print(f"  under prlimit --as={limit / 2**30:.1f}G: rc={row['rc']} passed={row['passed']} "
+        print(f"  under prlimit --data={limit / 2**30:.1f}G: rc={row['rc']} passed={row['passed']} "
               f"wall {row['wall_s']} s, peak RSS {row['peak_rss_bytes'] / 1e6:.0f} MB", flush=True)
     return rows
 
@@ -344,7 +347,7 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", type=int, default=list(DEPTHS))
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the checkpoints are built and kept")
     parser.add_argument("--limits", nargs="*", type=float, default=[limit / 2**30 for limit in LIMITS],
-                        help="address-space limits (GiB) for the deepest checkpoint's stream")
+                        help="RLIMIT_DATA limits (GiB) for the deepest checkpoint's stream")
     parser.add_argument("--no-limit", action="store_true", help="skip the runs under a limit")
     parser.add_argument("--logits-depth", type=int, default=4, help="the depth whose output is loaded whole and "
                         "compared with the original (needs both models in memory)")
