@@ -10,7 +10,9 @@ TorchScript exporter, others), on onnx-ir with the onnxscript rewriter:
    ``s = gamma/sqrt(var + eps)``, ``t = beta - mean*s``, into the layer before it
    (``W' = W*s``, ``b' = (b - mean)*s + beta``) or, failing that, into the unpadded layers
    after it (``W' = W*s`` per input channel, ``b' = b + W·t``): :mod:`.rules`;
-3. fuse decomposed LayerNorm / RMSNorm / GroupNorm into the native op where the opset has it;
+3. fuse decomposed LayerNorm / RMSNorm / GroupNorm into the native op where the opset has it; for
+   ``target=Target.ORT``, also into onnxruntime's own ops where the opset has no ONNX one, and each
+   residual Add + norm into onnxruntime's Skip op (:mod:`.rules.ort_fusions`);
 4. clean up (dead nodes and initializers, unused opsets);
 5. run input and output in onnxruntime CPU (same optimization level for both) on the same
    random inputs, and write the output atomically only when they match.
@@ -22,6 +24,7 @@ chain the opset could not take), the op histograms before and after, and the che
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import tempfile
 from pathlib import Path
@@ -37,7 +40,7 @@ from onnxscript.rewriter import pattern
 from ..check import compare_outputs
 from ..errors import LoadError, OutputError, UsageError, VerificationError, first_line
 from ..io.saving import write_atomically
-from ..report import Check, Report, Skip, SkipReason
+from ..report import Change, Check, Report, Skip, SkipReason
 from . import runtime
 from .rules import (
     FOLD_INTO_CONSUMER,
@@ -49,10 +52,25 @@ from .rules import (
     opset_version,
     take_changes,
 )
+from .rules.ort_fusions import (
+    PLAIN_SKIP_FUSIONS,
+    SKIP_FUSIONS,
+    omit_unread_outputs,
+    ort_norm_fusions,
+    share_skip_sums,
+    describe_skip_pair,
+)
 
 CHECK_LABEL = "optimized vs input (onnxruntime cpu)"
 _SMALL_CONSTANT = 1024  # elements
 _MAX_ROUNDS = 8  # a rule set is re-applied until nothing changes (chains of rewrites), at most this often
+
+
+class Target(enum.Enum):
+    """Which runtime the optimized file is for."""
+
+    PORTABLE = "portable"  # standard ai.onnx ops only: any runtime
+    ORT = "ort"  # also onnxruntime's fused norm ops (SimplifiedLayerNormalization, Skip*LayerNormalization)
 
 
 def optimize_onnx(
@@ -63,30 +81,31 @@ def optimize_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     force: bool = False,
+    target: Target = Target.PORTABLE,
 ) -> Report:
     """Fold BatchNormalization and fuse norms in ``in_path``; write ``out_path`` if it still matches.
 
     ``input_shapes`` (one per graph input, in order) fill symbolic dims for the check's random
-    inputs. The input file is never overwritten. A mismatch in onnxruntime raises
-    :class:`VerificationError` (``error.report`` holds the report) and writes nothing.
+    inputs. ``target``: :class:`Target`. The input file is never overwritten. A mismatch in
+    onnxruntime raises :class:`VerificationError` (``error.report`` holds the report) and writes nothing.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     proto = runtime.load_onnx(in_path)
     feeds = runtime.random_feeds(proto, input_shapes)  # fails fast on symbolic dims
     report = Report("optimize")
+    report.facts["target"] = target.value
     report.facts["ops_before"] = op_histogram(node.op_type for node in proto.graph.node)
+    report.facts["nodes_before"] = len(proto.graph.node)
     report.facts["opset"] = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
     model = ir.serde.deserialize_model(proto)
     del proto
 
-    prepare(model)
-    fold_batchnorms(model)
-    report.skipped.extend(explain_batchnorms(model))
-    report.skipped.extend(fuse_norms(model))
-    cleanup(model)
-    report.changes.extend(take_changes(model.graph))
+    changes, skipped = optimize_model(model, target=target)
+    report.changes.extend(changes)
+    report.skipped.extend(skipped)
 
     report.facts["ops_after"] = op_histogram(node.op_type for node in model.graph)
+    report.facts["nodes_after"] = len(model.graph)
     _note_cleanup(report)
     data = serialize(model)
     report.facts["file_bytes"] = len(data)
@@ -110,6 +129,24 @@ def _note_cleanup(report: Report) -> None:
     if after < before:
         report.notes.append(f"the graph was also cleaned up (constants folded, dead and duplicate nodes removed): "
                             f"{before} → {after} nodes")
+
+
+def optimize_model(model: ir.Model, *, target: Target = Target.PORTABLE) -> tuple[list[Change], list[Skip]]:
+    """Fold BatchNormalization and fuse norms in ``model``, in place; the changes made and the skips.
+
+    The graph half of :func:`optimize_onnx`, without the file or the check: for a caller that holds an
+    ``ir.Model`` (an exporter's) and verifies it itself.
+    """
+    prepare(model)
+    fold_batchnorms(model)
+    skipped = explain_batchnorms(model)
+    skipped.extend(fuse_norms(model, target=target))
+    if target is Target.ORT:
+        skipped.extend(fuse_skip_norms(model))
+    cleanup(model)
+    if target is Target.ORT:
+        omit_unread_outputs(model.graph)
+    return take_changes(model.graph), skipped
 
 
 # --------------------------------------------------------------------------- steps
@@ -143,17 +180,36 @@ def fold_batchnorms(model: ir.Model) -> int:
     return apply_rules(model, FOLD_INTO_PRODUCER) + apply_rules(model, FOLD_INTO_CONSUMER)
 
 
-def fuse_norms(model: ir.Model) -> list[Skip]:
-    """Apply each norm fusion the opset allows; report the chains of those it does not."""
+def fuse_norms(model: ir.Model, *, target: Target = Target.PORTABLE) -> list[Skip]:
+    """Apply each norm fusion the opset (and ``target``) allows; report the chains of those it does not."""
     opset = opset_version(model)
     skipped: list[Skip] = []
     claimed: set[ir.Node] = set()  # a LayerNorm chain holds an RMSNorm-shaped tail: report it once
-    for family in NORM_FUSIONS:
+    for_ort = ort_norm_fusions(opset)  # NORM_FUSIONS' families, in order, as onnxruntime can take them
+    for family, ort_family in zip(for_ort if target is Target.ORT else NORM_FUSIONS, for_ort):
         if opset >= family.since:
             apply_rules(model, family.core, commute=True)
             apply_rules(model, family.absorb, commute=True)
         else:
-            skipped.extend(_opset_skips(model, family, opset, claimed))
+            alternative = f" (--target ort would use onnxruntime's {ort_family.native})" \
+                if opset >= ort_family.since else ""
+            skipped.extend(_opset_skips(model, family, opset, claimed, alternative))
+    return skipped
+
+
+def fuse_skip_norms(model: ir.Model) -> list[Skip]:
+    """Fuse each residual Add + norm into onnxruntime's Skip op; one Skip per pair left, saying why."""
+    common_passes.NameFixPass()(model)  # the fused node names the Add output it reproduces
+    apply_rules(model, SKIP_FUSIONS, commute=True)
+    share_skip_sums(model.graph)
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.TopologicalSortPass()(model)
+    skipped = []
+    for node in model.graph:
+        pair = describe_skip_pair(node)
+        if pair is not None:
+            reason = _failure(model, PLAIN_SKIP_FUSIONS, node) or "it does not match"
+            skipped.append(Skip(node.name, SkipReason.UNSUPPORTED_STRUCTURE, f"{pair}: {reason}"))
     return skipped
 
 
@@ -229,7 +285,9 @@ def _following_failure(model: ir.Model, bn: ir.Node) -> str:
     return f"its output feeds {', '.join(sorted({describe(c) for c in consumers}))}, not a Conv, Gemm or MatMul"
 
 
-def _opset_skips(model: ir.Model, family: NormFusion, opset: int, claimed: set[ir.Node]) -> list[Skip]:
+def _opset_skips(
+    model: ir.Model, family: NormFusion, opset: int, claimed: set[ir.Node], alternative: str
+) -> list[Skip]:
     """A Skip at the first node of each chain ``family`` would fuse at a higher opset.
 
     Chains overlapping ``claimed`` (reported by an earlier family) are left out; their nodes are
@@ -245,7 +303,8 @@ def _opset_skips(model: ir.Model, family: NormFusion, opset: int, claimed: set[i
                 claimed.update(match.nodes)
                 firsts.append(min(match.nodes, key=lambda n: order.get(n, len(order))))
                 break
-    return [Skip(first.name, SkipReason.OPSET_TOO_OLD, family.skip_detail(opset)) for first in firsts]
+    detail = family.skip_detail(opset, alternative)
+    return [Skip(first.name, SkipReason.OPSET_TOO_OLD, detail) for first in firsts]
 
 
 # --------------------------------------------------------------------------- facts and the check

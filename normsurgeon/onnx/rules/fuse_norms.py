@@ -170,7 +170,7 @@ class FuseRMSNorm(_Core):
         first = mean_square.producer().inputs[0].producer()
         scale = new_initializer(op, first.graph, _ones(x, k), f"{first.name}.scale")
         name = _unique_node_name(first.graph, f"{first.name}/{self.native}")
-        out = op.RMSNormalization(x, scale, axis=-k, epsilon=epsilon, stash_type=_stash_type(x), _name=name)
+        out = getattr(op, self.native)(x, scale, axis=-k, epsilon=epsilon, stash_type=_stash_type(x), _name=name)
         self._record(out, first)
         return out
 
@@ -340,9 +340,9 @@ class NormFusion:
     absorb: tuple[pattern.RewriteRule, ...]
     caveat: str = ""
 
-    def skip_detail(self, opset: int) -> str:
-        """Why a chain was left at ``opset``, and what to do about it."""
-        return f"opset {opset} has no {self.native}{self.caveat}; export at opset >= {self.since}"
+    def skip_detail(self, opset: int, alternative: str = "") -> str:
+        """Why a chain was left at ``opset``, and what to do about it (``alternative``: another way)."""
+        return f"opset {opset} has no {self.native}{self.caveat}{alternative}; export at opset >= {self.since}"
 
 
 NORM_FUSIONS: tuple[NormFusion, ...] = (
