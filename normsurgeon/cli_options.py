@@ -197,3 +197,11 @@ def failed_check_message(report: Any) -> str:
     return (f"check '{check.label}' failed{where} (max|diff| {check.max_abs_diff:.3g} > {check.atol:g} + "
             f"{check.rtol:g}*max|output|); see the report above, and loosen --atol/--rtol only if the "
             "difference is expected")
+
+
+TARGETS = ("portable", "ort")  # normsurgeon.onnx.optimize.Target's values (not imported: keeps --help fast)
+target_option = click.option(
+    "--target", type=click.Choice(TARGETS), default="portable", show_default=True,
+    help="portable: standard ONNX ops only, for any runtime. ort: also onnxruntime's fused norm ops "
+         "(SimplifiedLayerNormalization below opset 23, LayerNormalization below 17, and each residual "
+         "Add + norm as com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization).")

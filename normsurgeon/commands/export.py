@@ -11,6 +11,7 @@ from ..cli_options import (
     model_options,
     output_options,
     report_options,
+    target_option,
     tolerance_options,
     weights_option,
 )
@@ -45,11 +46,13 @@ _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "c
 @click.option("--external-data", is_flag=True,
               help="Put the weights in MODEL.onnx.data beside the file, whatever their size (always done above "
                    "protobuf's 2 GiB limit).")
+@target_option
 @_PROVIDER
 @tolerance_options
 @model_command
 def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dynamic_axes: tuple[str, ...],
-           dynamic_batch: bool, external_data: bool, providers: str, atol: float | None, rtol: float | None) -> None:
+           dynamic_batch: bool, external_data: bool, target: str, providers: str, atol: float | None,
+           rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -61,6 +64,7 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dyn
       normsurgeon export models/examples/resnet18.pt -o resnet18.onnx --input-shape 1,3,32,32
       normsurgeon export --dynamic llama-dir/    # batch and sequence symbolic
       normsurgeon export vit-dir/ --dynamic-axis pixel_values:0=batch
+      normsurgeon export llama-dir/ --target ort   # onnxruntime's fused norm ops
     """
     from ..onnx.dynamic_axes import parse_dynamic
     from ..onnx.export import export_onnx
@@ -71,7 +75,7 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dyn
     report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,
                          dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
                          rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose,
-                         external_data=external_data)
+                         external_data=external_data, target=target)
     opened.emit(report, title="normsurgeon export", facts={"output": str(out_path)}, extra={"output": str(out_path)})
 
 

@@ -6,23 +6,17 @@ from pathlib import Path
 
 import click
 
-from ..cli_options import emit, handle_errors, output_options, tolerance_options
+from ..cli_options import emit, handle_errors, output_options, target_option, tolerance_options
 from ..errors import UsageError
 from ..io.inputs import parse_input_shape
 from ..io.saving import check_output_path, default_output_path
-
-TARGETS = ("portable", "ort")  # normsurgeon.onnx.optimize.Target's values (not imported: keeps --help fast)
-
 
 @click.command(short_help="Fold BatchNorm and fuse norms in an existing .onnx file.")
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="SHAPE",
               help="Concrete shape of each graph input, in order (repeat the option), for models with "
                    "symbolic dims, e.g. 1,3,224,224. No dtype: it comes from the model.")
-@click.option("--target", type=click.Choice(TARGETS), default="portable", show_default=True,
-              help="portable: standard ONNX ops only, for any runtime. ort: also onnxruntime's fused norm ops "
-                   "(SimplifiedLayerNormalization below opset 23, LayerNormalization below 17, and each residual "
-                   "Add + norm as com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization).")
+@target_option
 @tolerance_options
 @output_options(default="MODEL.opt.onnx beside MODEL.onnx")
 @handle_errors

@@ -74,6 +74,7 @@ from .dynamic_axes import (
     widened,
 )
 from .inline_save import save_inline
+from .optimize import Target, optimize_model
 from .runtime import resolve_providers
 from .verify import verify_onnx
 
@@ -102,6 +103,7 @@ def export_onnx(
     protect: Sequence[Path] = (),
     verbose: bool = False,
     external_data: bool = False,
+    target: str = "portable",
 ) -> Report:
     """Export ``model`` to ``path`` as ONNX and verify it in onnxruntime; ``model`` is not changed.
 
@@ -112,7 +114,8 @@ def export_onnx(
     modality, ``{input: {dim: symbol}}`` for those axes, or a :class:`~normsurgeon.onnx.dynamic_axes.Dynamic`;
     ``dynamic_batch`` makes dim 0 of every tensor input ``batch``. The file is verified at two sizes
     along every dynamic axis. The weights go inline, or to ``<path>.data`` beside the file when they
-    exceed protobuf's 2 GiB or ``external_data`` asks for it. ``report.passed`` is False when
+    exceed protobuf's 2 GiB or ``external_data`` asks for it. ``target="ort"`` also fuses the norms into
+    onnxruntime's own ops (:func:`~normsurgeon.onnx.optimize.optimize_model`) before the file is written. ``report.passed`` is False when
     onnxruntime's outputs differ from the original model's; a model that cannot be exported raises
     :class:`ExportError`.
     """
@@ -132,6 +135,8 @@ def export_onnx(
         def write(tmp: Path) -> None:
             nonlocal work
             program, kept = _export(work, plain, opset, axes, verbose, report)
+            if target != Target.PORTABLE.value:
+                _fuse_for(Target(target), program.model, report)
             tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report,
                         external_data=external_data)
             report.facts.update(describe_model(program.model))
@@ -174,6 +179,14 @@ def _pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float
     work = copy_model(model).eval()
     _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
     return work
+
+
+def _fuse_for(target: Target, model: ir.Model, report: Report) -> None:
+    """The exported graph's norms fused into ``target``'s own ops (checked with the rest in onnxruntime)."""
+    changes, skipped = optimize_model(model, target=target)
+    report.changes.extend(changes)
+    report.skipped.extend(skipped)
+    report.facts["target"] = target.value
 
 
 def _note_batchnorms_torch_folded(model: nn.Module, report: Report) -> None:
