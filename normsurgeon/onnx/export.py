@@ -74,6 +74,7 @@ from .dynamic_axes import (
     widened,
 )
 from .inline_save import save_inline
+from .precision import add_float32_islands
 from .optimize import Target, optimize_model
 from .runtime import resolve_providers
 from .verify import verify_onnx
@@ -137,6 +138,9 @@ def export_onnx(
             program, kept = _export(work, plain, opset, axes, verbose, report)
             if target != Target.PORTABLE.value:
                 _fuse_for(Target(target), program.model, report)
+            islands = add_float32_islands(program.model)  # bfloat16 ops onnxruntime's CPU has no kernel for
+            if note := islands.note():
+                report.notes.append(note)
             tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report,
                         external_data=external_data)
             report.facts.update(describe_model(program.model))
