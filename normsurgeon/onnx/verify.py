@@ -10,12 +10,22 @@ dict of keyword arguments, flattened in pytree order; ``None`` and other non-ten
 baked into the graph by the exporter) map to the graph's inputs in order. Outputs are matched
 by position too: the dynamo exporter flattens a nested output (tuple, dict, ``transformers``
 ModelOutput) in the same pytree order as :func:`~normsurgeon.check.flatten_outputs`.
+
+A check that fails under the default tolerance is judged as the fold's check is: deep nets
+amplify float32 rounding (ResNet-152, width 32, one 32x32 image: 1.7e-4 between torch and onnxruntime
+for a tolerance of 1.3e-4, the model's own noise 1.6e-4), so when
+the difference is within :data:`~normsurgeon.check.NOISE_FACTOR` times the torch model's own
+rounding noise (its outputs against itself run in float64), the check passes with a note. The
+float64 run is made only for a failed check, once per input set; tolerances the caller gave
+are kept as given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +34,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..check import compare_outputs, default_tolerance, flatten_outputs
+from ..check import compare_outputs, default_tolerance, flatten_outputs, rounding_noise, within_rounding_noise
 from ..errors import ExportError, LoadError, PreconditionError, UsageError
 from ..inputs import ExampleInputs, InputsLike
 from ..report import Check, OutputDiff, Report
@@ -57,7 +67,8 @@ def verify_onnx(
     ``extra_inputs`` are further input sets of the same structure (e.g. another batch size);
     ``axes``, the file's dynamic axes, name each check's sizes ("batch 3, sequence 7").
     ``report.passed`` is False when any output of any run is outside ``atol + rtol * max|ref|``
-    (tolerances default to the output dtype's, see :mod:`normsurgeon.check`).
+    (tolerances default to the output dtype's, see :mod:`normsurgeon.check`; under the defaults, a
+    run within the model's own float32 rounding noise passes with a note, as the fold's check does).
     """
     path = Path(onnx_path)
     if not path.is_file():
@@ -75,10 +86,14 @@ def verify_onnx(
         raise UsageError(f"{mismatch.text}; pass inputs of the shape it takes (--input-shape/--inputs)"
                          + (", or export with --dynamic-batch for any batch size" if mismatch.batch_only
                             else ", or export with --dynamic for other sizes"))
+    noise = _noise_of(model, input_sets, references) if atol is None and rtol is None else None
     for provider, sess in sessions.items():
-        for inputs, feed, reference in zip(input_sets, feeds[provider], references):
+        for index, (inputs, feed, reference) in enumerate(zip(input_sets, feeds[provider], references)):
             label = f"onnxruntime {provider} vs torch ({describe_inputs(inputs, axes)})"
-            report.checks.append(_compare(sess, feed, reference, label, atol, rtol))
+            check, note = _compare(sess, feed, reference, label, atol, rtol,
+                                   noise=None if noise is None else functools.partial(noise, index))
+            report.checks.append(check)
+            report.notes.extend([f"{label}: {note}"] if note else [])
     report.facts["providers"] = list(chosen)
     report.facts["batch_sizes_verified"] = sorted({b for b in (i.batch_size() for i in input_sets) if b is not None})
     if axes:
@@ -169,6 +184,19 @@ def _run_torch(model: nn.Module, inputs: ExampleInputs, *, other_sizes: str | No
         ) from exc
 
 
+def _noise_of(model: nn.Module, input_sets: Sequence[ExampleInputs],
+              references: Sequence[Any]) -> Callable[[int], float | None]:
+    """The torch model's float32 rounding noise on input set ``i`` (:func:`~normsurgeon.check.rounding_noise`),
+    run in float64 when first asked for (a failed check) and kept for the other providers."""
+
+    @functools.cache
+    def noise(index: int) -> float | None:
+        with eval_mode(model):
+            return rounding_noise(model, input_sets[index], references[index])
+
+    return noise
+
+
 def _compare(
     sess: ort.InferenceSession,
     feeds: dict[str, np.ndarray],
@@ -176,26 +204,38 @@ def _compare(
     label: str,
     atol: float | None,
     rtol: float | None,
-) -> Check:
-    """One Check: every flattened torch output against the ORT output at the same position."""
+    *,
+    noise: Callable[[], float | None] | None = None,
+) -> tuple[Check, str | None]:
+    """One Check: every flattened torch output against the ORT output at the same position.
+
+    A numerical failure is reconsidered with ``noise`` (the torch model's rounding noise; None when the
+    caller chose the tolerances): the check at the raised atol and a note when the difference is rounding.
+    """
     named = flatten_outputs(reference)
     atol, rtol = _tolerances([t for _, t in named], atol, rtol)
     mismatch = shape_mismatch(sess, feeds)
     if mismatch:
         return Check((_failed("input", f"{mismatch.text}: this file cannot run these inputs"),), atol=atol,
-                     rtol=rtol, label=label)
+                     rtol=rtol, label=label), None
     try:
         outputs = [array for _, array in runtime.run(sess, feeds)]
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
         detail = f"onnxruntime failed: {' '.join(str(exc).split())[:200]}"
-        return Check((_failed("output", detail),), atol=atol, rtol=rtol, label=label)
+        return Check((_failed("output", detail),), atol=atol, rtol=rtol, label=label), None
     if len(outputs) != len(named):
         detail = f"the ONNX model has {len(outputs)} outputs, the torch model {len(named)} tensor outputs"
-        return Check((_failed("outputs", detail),), atol=atol, rtol=rtol, label=label)
-    diffs = tuple(
-        _diff_one(name, ref, array, atol, rtol) for (name, ref), array in zip(named, outputs)
-    )
-    return Check(diffs, atol=atol, rtol=rtol, label=label)
+        return Check((_failed("outputs", detail),), atol=atol, rtol=rtol, label=label), None
+
+    def judge(atol: float, label: str) -> Check:
+        diffs = tuple(_diff_one(name, ref, array, atol, rtol) for (name, ref), array in zip(named, outputs))
+        return Check(diffs, atol=atol, rtol=rtol, label=label)
+
+    check = judge(atol, label)
+    if check.passed or noise is None or not math.isfinite(check.max_abs_diff):
+        return check, None
+    accepted = within_rounding_noise(check, noise(), judge)
+    return accepted if accepted is not None else (check, None)
 
 
 def _diff_one(name: str, ref: torch.Tensor, array: np.ndarray, atol: float, rtol: float) -> OutputDiff:
