@@ -156,8 +156,8 @@ def export_onnx(
                 )
             except LoadError as exc:
                 raise ExportError(
-                    f"onnxruntime cannot load the exported model ({_cause_line(exc)}); export a float32 model "
-                    f"or try another --opset (default {DEFAULT_OPSET})"
+                    f"onnxruntime cannot load the exported model ({_cause_line(exc)}); try another --opset "
+                    f"(default {DEFAULT_OPSET}) or export the model in float32"
                 ) from exc
             _merge(report, verified)
             report.facts["providers"] = verified.facts["providers"]

@@ -23,7 +23,6 @@ Subgraphs (If/Loop bodies) and model functions are left as they are.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,7 +34,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 
-from .runtime import PROVIDERS
+from .runtime import PROVIDERS, ort_value, to_torch
 
 HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 # Never computed in float32: an attribute sets their output dtype (float32 would change what they produce), or
@@ -262,23 +261,6 @@ def _dtype_name(dtype: ir.DataType) -> str:
 
 
 # --------------------------------------------------------------------------- running bfloat16 files
-
-
-def ort_value(tensor: torch.Tensor) -> ort.OrtValue:
-    """An onnxruntime CPU value holding ``tensor``: numpy has no bfloat16, so those go as their raw bits."""
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:
-        bits = tensor.view(torch.int16).numpy().view(np.uint16)
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
-
-
-def to_torch(value: ort.OrtValue) -> torch.Tensor:
-    """A copy of a CPU onnxruntime tensor as torch, bfloat16 included (``OrtValue.numpy()`` refuses that)."""
-    if value.data_type() != "tensor(bfloat16)":
-        return torch.from_numpy(np.array(value.numpy()))
-    bits = np.frombuffer(bytearray(ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())), np.int16)
-    return torch.from_numpy(bits).view(torch.bfloat16).reshape(value.shape())
 
 
 def run_torch(session: ort.InferenceSession, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import ctypes
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -54,10 +56,37 @@ def session(path: str | Path, provider: str = "cpu", *, optimize: bool = True) -
                         "normsurgeon export (default opset 23)") from exc
 
 
-def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """Run a session; outputs as (name, array) in the graph's order."""
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue]
+        ) -> list[tuple[str, np.ndarray | torch.Tensor]]:
+    """Run a session; outputs as (name, array) in the graph's order, a bfloat16 one as a torch tensor (numpy
+    has no bfloat16; such an input is fed as an OrtValue, see :func:`ort_value`)."""
     names = [o.name for o in sess.get_outputs()]
-    return list(zip(names, sess.run(names, feeds)))
+    bfloat16 = any(o.type == "tensor(bfloat16)" for o in sess.get_outputs())
+    if not bfloat16 and not any(isinstance(v, ort.OrtValue) for v in feeds.values()):
+        return list(zip(names, sess.run(names, feeds)))
+    values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+    outputs = sess.run_with_ort_values(names, values)
+    return [(name, to_torch(value) if value.data_type() == "tensor(bfloat16)" else value.numpy())
+            for name, value in zip(names, outputs)]
+
+
+def ort_value(tensor: torch.Tensor) -> ort.OrtValue:
+    """An onnxruntime CPU value holding ``tensor``: numpy has no bfloat16, so those go as their raw bits."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        bits = tensor.view(torch.int16).numpy().view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
+
+
+def to_torch(value: ort.OrtValue) -> torch.Tensor:
+    """A copy of a CPU onnxruntime tensor as torch, bfloat16 included (``OrtValue.numpy()`` refuses that)."""
+    if value.data_type() != "tensor(bfloat16)":
+        return torch.from_numpy(np.array(value.numpy()))
+    bits = np.frombuffer(bytearray(ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())), np.int16)
+    return torch.from_numpy(bits).view(torch.bfloat16).reshape(value.shape())
+
+
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:

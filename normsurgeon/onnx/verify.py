@@ -137,7 +137,8 @@ class ShapeMismatch:
 def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ShapeMismatch | None:
     """The first feed whose rank or static dims differ from the model's declared input, or None."""
     for spec in sess.get_inputs():
-        declared, given = spec.shape, feeds[spec.name].shape
+        feed = feeds[spec.name]
+        declared, given = spec.shape, tuple(feed.shape() if isinstance(feed, ort.OrtValue) else feed.shape)
         if declared is None:
             continue
         differ = [i for i, (d, g) in enumerate(zip(declared, given)) if isinstance(d, int) and d != g]
@@ -149,12 +150,9 @@ def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> 
     return None
 
 
-def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:
-        raise UsageError(
-            f"input {spec.name!r} is bfloat16, which onnxruntime cannot be fed from numpy; "
-            "export and verify the model in float32 or float16"
-        )
+def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray | ort.OrtValue:
+    if tensor.dtype == torch.bfloat16 and spec.type == "tensor(bfloat16)":
+        return runtime.ort_value(tensor)  # numpy has no bfloat16
     array = tensor.detach().cpu().numpy()
     expected = _ORT_DTYPES.get(spec.type)
     if expected is not None and array.dtype != expected:
@@ -238,8 +236,8 @@ def _compare(
     return accepted if accepted is not None else (check, None)
 
 
-def _diff_one(name: str, ref: torch.Tensor, array: np.ndarray, atol: float, rtol: float) -> OutputDiff:
-    candidate = torch.from_numpy(np.ascontiguousarray(array))
+def _diff_one(name: str, ref: torch.Tensor, array: np.ndarray | torch.Tensor, atol: float, rtol: float) -> OutputDiff:
+    candidate = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     (diff,) = compare_outputs(ref, candidate, atol=atol, rtol=rtol).outputs
     return dataclasses.replace(diff, name=name)
 

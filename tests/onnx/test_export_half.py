@@ -202,3 +202,19 @@ def test_half_causal_lm_matches_torch(name: str, dtype: torch.dtype, float16: bo
     else:
         assert found.casts == 0
     assert assert_matches_torch(session(model, tmp_path / "lm.onnx"), lm, args) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_export_onnx_of_a_half_precision_llama_loads_and_verifies(dtype, tmp_path) -> None:
+    """The issue's failure: bf16 Llama exports onnxruntime could not load. Now islands make it run, and the
+    export's own verification (bf16 logits read without numpy) passes at the dtype's default tolerance."""
+    from normsurgeon.onnx.export import export_onnx
+    from tests.hf_models import VOCAB, causal_lm
+
+    model = causal_lm("llama").to(dtype)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = export_onnx(model, {"input_ids": ids, "use_cache": False}, tmp_path / "half.onnx", dynamic_batch=True)
+    assert report.passed, [c.to_dict() for c in report.checks]
+    assert len(report.checks) == 2  # batch 2 and batch 3
+    islanded = any("float32" in note and "bfloat16" in note for note in report.notes)
+    assert islanded == (dtype == torch.bfloat16)
