@@ -15,6 +15,7 @@ from ..cli_options import (
     tolerance_options,
     weights_option,
 )
+from ..errors import UsageError
 from ..io.saving import default_output_path
 from .common import ModelArgs, model_command, open_model
 
@@ -46,13 +47,18 @@ _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "c
 @click.option("--external-data", is_flag=True,
               help="Put the weights in MODEL.onnx.data beside the file, whatever their size (always done above "
                    "protobuf's 2 GiB limit).")
+@click.option("--with-past", is_flag=True,
+              help="Causal LMs: export the KV cache as inputs and outputs (optimum's text-generation-with-past "
+                   "layout: past_key_values.N.key/value in, present.N.key/value out, a past of length 0 for the "
+                   "prefill); batch, sequence and past length symbolic. Verified over a prefill and 3 greedy decode "
+                   "steps at batch 1 and 2 against torch's own cache loop.")
 @target_option
 @_PROVIDER
 @tolerance_options
 @model_command
 def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dynamic_axes: tuple[str, ...],
-           dynamic_batch: bool, external_data: bool, target: str, providers: str, atol: float | None,
-           rtol: float | None) -> None:
+           dynamic_batch: bool, external_data: bool, with_past: bool, target: str, providers: str,
+           atol: float | None, rtol: float | None) -> None:
     """Fold, export to ONNX and verify the file in onnxruntime against the original model.
 
     Removes weight norm and folds BatchNorm (unless --no-fold) on a copy, exports with torch's
@@ -65,17 +71,27 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dyn
       normsurgeon export --dynamic llama-dir/    # batch and sequence symbolic
       normsurgeon export vit-dir/ --dynamic-axis pixel_values:0=batch
       normsurgeon export llama-dir/ --target ort   # onnxruntime's fused norm ops
+      normsurgeon export llama-dir/ --with-past    # KV cache in and out, for generation loops
     """
     from ..onnx.dynamic_axes import parse_dynamic
     from ..onnx.export import export_onnx
+    from ..onnx.with_past import export_with_past
 
     axes = parse_dynamic(dynamic_axes, defaults=dynamic)  # a bad spec fails before the model loads
+    if with_past and (axes or dynamic_batch or args.gives_inputs):
+        raise UsageError("--with-past sets its own inputs and dynamic axes (batch, sequence, past length); leave out "
+                         "--dynamic, --dynamic-axis, --dynamic-batch, --input-shape and --inputs")
     opened = open_model(args, None)
     out_path = opened.output_file(onnx_path_for(args.model_path))
-    report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,
-                         dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
-                         rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose,
-                         external_data=external_data, target=target)
+    if with_past:
+        report = export_with_past(opened.model, out_path, fold=not no_fold, opset=opset, providers=providers,
+                                  atol=atol, rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose,
+                                  external_data=external_data, target=target)
+    else:
+        report = export_onnx(opened.model, opened.example_inputs(), out_path, fold=not no_fold, opset=opset,
+                             dynamic=axes, dynamic_batch=dynamic_batch, providers=providers, atol=atol,
+                             rtol=rtol, force=args.force, protect=opened.reads, verbose=args.verbose,
+                             external_data=external_data, target=target)
     opened.emit(report, title="normsurgeon export", facts={"output": str(out_path)}, extra={"output": str(out_path)})
 
 

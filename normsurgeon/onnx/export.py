@@ -440,6 +440,7 @@ def describe_export_failure(exc: BaseException, model: nn.Module, *, verbose: bo
     elif output := re.search(r"Found <class '([\w.]+)'> in output, which is not a known type", text):
         what = f"the model returns a {output[1].rsplit('.', 1)[-1]} ({output[1]}), which ONNX outputs cannot hold"
         fix = ("set model.config.use_cache = False before saving the model (transformers), or return only tensors"
+               " (a causal LM's cache as ONNX inputs and outputs: export with --with-past)"
                if "cache" in output[1].lower() else "make forward() return tensors, or tuples/dicts of them")
     else:
         root = chain[-1]
