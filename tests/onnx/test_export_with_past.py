@@ -8,6 +8,7 @@ onnxruntime greedy loop written here must generate the tokens ``model.generate(d
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from normsurgeon.errors import ExportError
-from normsurgeon.onnx.with_past import CacheLayout, export_with_past
+from normsurgeon.onnx.with_past import CacheLayout, export_with_past, verify_with_past
 from normsurgeon.report import Report
 from tests.hf_models import VOCAB, causal_lm, pretrained_model
 
@@ -76,6 +77,26 @@ def test_the_file_has_optimums_names_and_dynamic_dims(name, exported):
     assert list(outputs) == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     assert outputs["logits"] == ["batch", "sequence", VOCAB]
     assert outputs["present.1.value"] == ["batch", heads, "past_sequence + sequence", 8]
+
+
+def test_the_verification_fails_a_file_of_another_model(exported):
+    model, path, _ = exported("llama")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.01)  # layer 1 only: the presents of layer 0 still match
+
+    report = verify_with_past(other, path, CacheLayout.of(other))
+
+    assert not report.passed and all(not c.passed for c in report.checks)
+    assert {o.name for o in report.checks[-1].outputs if not o.passed} == {"logits"}
+
+
+def test_an_opset_18_file_passes_under_left_padding(tmp_path):
+    """Below opset 23 a padded query's row differs from torch's (attention over no key); unread, not compared."""
+    report = export_with_past(causal_lm("llama"), tmp_path / "llama18.onnx", opset=18)
+
+    assert report.passed and report.facts["opset"] == 18
+    assert len(report.checks) == 8
 
 
 def onnx_greedy(path: Path, ids: np.ndarray, mask: np.ndarray, new_tokens: int, eos: int, pad: int) -> np.ndarray:
