@@ -130,18 +130,18 @@ def export_onnx(
     if model.training:
         report.notes.append("the model was in training mode: exported and verified its eval-mode behaviour")
     with eval_mode(model):
-        work = _pre_export(model, inputs, fold, atol, rtol, report)
+        work = pre_export(model, inputs, fold, atol, rtol, report)
         axes = runnable_axes(work, plain, axes, report.notes)
 
         def write(tmp: Path) -> None:
             nonlocal work
             program, kept = _export(work, plain, opset, axes, verbose, report)
             if target != Target.PORTABLE.value:
-                _fuse_for(Target(target), program.model, report)
+                fuse_for(Target(target), program.model, report)
             islands = add_float32_islands(program.model)  # bfloat16 ops onnxruntime's CPU has no kernel for
             if note := islands.note():
                 report.notes.append(note)
-            tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report,
+            tmp = save_exported(program.model, tmp, path, force=force, protect=protect, report=report,
                         external_data=external_data)
             report.facts.update(describe_model(program.model))
             if not fold:
@@ -156,7 +156,7 @@ def export_onnx(
                 )
             except LoadError as exc:
                 raise ExportError(
-                    f"onnxruntime cannot load the exported model ({_cause_line(exc)}); try another --opset "
+                    f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another --opset "
                     f"(default {DEFAULT_OPSET}) or export the model in float32"
                 ) from exc
             _merge(report, verified)
@@ -167,12 +167,12 @@ def export_onnx(
             if kept:  # every axis asked for may have been kept static (noted): then only the example's sizes ran
                 report.facts["sizes_verified"] = verified.facts["sizes_verified"]
 
-        _write_with_data_cleanup(path, write, force=force, protect=protect)
+        write_with_data_cleanup(path, write, force=force, protect=protect)
     report.facts["file_bytes"] = path.stat().st_size
     return report
 
 
-def _pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float | None, rtol: float | None,
+def pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float | None, rtol: float | None,
                 report: Report) -> nn.Module:
     """The model to export: ``model`` itself when the pre-export passes have nothing to change (LLMs: no
     BatchNorm, no weight norm), else a copy they changed (and checked)."""
@@ -185,7 +185,7 @@ def _pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float
     return work
 
 
-def _fuse_for(target: Target, model: ir.Model, report: Report) -> None:
+def fuse_for(target: Target, model: ir.Model, report: Report) -> None:
     """The exported graph's norms fused into ``target``'s own ops (checked with the rest in onnxruntime)."""
     changes, skipped = optimize_model(model, target=target)
     report.changes.extend(changes)
@@ -342,7 +342,7 @@ def quiet(verbose: bool = False) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _save(
+def save_exported(
     model: ir.Model, tmp: Path, target: Path, *, force: bool, protect: Sequence[Path], report: Report,
     external_data: bool = False,
 ) -> Path:
@@ -380,7 +380,7 @@ def data_path(target: Path) -> Path:
     return target.with_name(target.name + ".data")
 
 
-def _write_with_data_cleanup(
+def write_with_data_cleanup(
     path: Path, write: Callable[[Path], None], *, force: bool, protect: Sequence[Path]
 ) -> None:
     """``write_atomically``, also removing an external-data file this export made if it fails."""
@@ -395,7 +395,7 @@ def _write_with_data_cleanup(
         raise
 
 
-def _cause_line(exc: BaseException) -> str:
+def cause_line(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     text = " ".join(str(cause).split())
     return text[:200] if text else type(cause).__name__

@@ -42,11 +42,11 @@ from ..surgery import eval_mode
 from . import runtime
 from .export import (
     DEFAULT_OPSET,
-    _cause_line,
-    _fuse_for,
-    _pre_export,
-    _save,
-    _write_with_data_cleanup,
+    cause_line,
+    fuse_for,
+    pre_export,
+    save_exported,
+    write_with_data_cleanup,
     describe_export_failure,
     describe_model,
     expand_rotary_caches,
@@ -176,16 +176,16 @@ def export_with_past(
     report = Report("export")
     with eval_mode(model):
         layout = CacheLayout.of(model)
-        work = _pre_export(model, ExampleInputs.of(_no_cache_example(model, layout)), fold, atol, rtol, report)
+        work = pre_export(model, ExampleInputs.of(_no_cache_example(model, layout)), fold, atol, rtol, report)
 
         def write(tmp: Path) -> None:
             nonlocal work
             program = _trace(FlatCache(work, layout), layout, opset, verbose, report)
             if target != Target.PORTABLE.value:
-                _fuse_for(Target(target), program.model, report)
+                fuse_for(Target(target), program.model, report)
             if note := add_float32_islands(program.model).note():
                 report.notes.append(note)
-            tmp = _save(program.model, tmp, path, force=force, protect=protect, report=report,
+            tmp = save_exported(program.model, tmp, path, force=force, protect=protect, report=report,
                         external_data=external_data)
             report.facts.update(describe_model(program.model))
             report.facts["graph_outputs"] = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
@@ -196,13 +196,13 @@ def export_with_past(
                 verified = verify_with_past(model, tmp, layout, providers=providers, atol=atol, rtol=rtol,
                                             decode_steps=decode_steps)
             except LoadError as exc:
-                raise ExportError(f"onnxruntime cannot load the exported model ({_cause_line(exc)}); try another "
+                raise ExportError(f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another "
                                   f"--opset (default {DEFAULT_OPSET})") from exc
             report.checks.extend(verified.checks)
             report.notes.extend(verified.notes)
             report.facts.update(verified.facts)
 
-        _write_with_data_cleanup(path, write, force=force, protect=protect)
+        write_with_data_cleanup(path, write, force=force, protect=protect)
     report.facts["file_bytes"] = path.stat().st_size
     return report
 
