@@ -136,14 +136,8 @@ def export_onnx(
         def write(tmp: Path) -> None:
             nonlocal work
             program, kept = _export(work, plain, opset, axes, verbose, report)
-            if target != Target.PORTABLE.value:
-                fuse_for(Target(target), program.model, report)
-            islands = add_float32_islands(program.model)  # bfloat16 ops onnxruntime's CPU has no kernel for
-            if note := islands.note():
-                report.notes.append(note)
-            tmp = save_exported(program.model, tmp, path, force=force, protect=protect, report=report,
-                        external_data=external_data)
-            report.facts.update(describe_model(program.model))
+            tmp = finish_and_save(program.model, tmp, path, target=target, external_data=external_data, force=force,
+                                  protect=protect, report=report)
             if not fold:
                 _note_batchnorms_torch_folded(work, report)
             del program
@@ -183,6 +177,20 @@ def pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float 
     work = copy_model(model).eval()
     _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
     return work
+
+
+def finish_and_save(model: ir.Model, tmp: Path, target_path: Path, *, target: str, external_data: bool, force: bool,
+                    protect: Sequence[Path], report: Report) -> Path:
+    """The exported graph made ready and written: norms fused for ``target``, bfloat16 ops onnxruntime's CPU
+    has no kernel for put in float32 islands, saved (:func:`save_exported`), described in the facts."""
+    if target != Target.PORTABLE.value:
+        fuse_for(Target(target), model, report)
+    if note := add_float32_islands(model).note():
+        report.notes.append(note)
+    tmp = save_exported(model, tmp, target_path, force=force, protect=protect, report=report,
+                        external_data=external_data)
+    report.facts.update(describe_model(model))
+    return tmp
 
 
 def fuse_for(target: Target, model: ir.Model, report: Report) -> None:

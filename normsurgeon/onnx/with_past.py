@@ -43,18 +43,15 @@ from . import runtime
 from .export import (
     DEFAULT_OPSET,
     cause_line,
-    fuse_for,
-    pre_export,
-    save_exported,
-    write_with_data_cleanup,
     describe_export_failure,
-    describe_model,
     expand_rotary_caches,
+    finish_and_save,
     math_attention,
+    pre_export,
     quiet,
+    write_with_data_cleanup,
 )
-from .optimize import Target
-from .precision import add_float32_islands, run_torch
+from .precision import run_torch
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 PROMPT_LENGTH = 7
@@ -181,13 +178,8 @@ def export_with_past(
         def write(tmp: Path) -> None:
             nonlocal work
             program = _trace(FlatCache(work, layout), layout, opset, verbose, report)
-            if target != Target.PORTABLE.value:
-                fuse_for(Target(target), program.model, report)
-            if note := add_float32_islands(program.model).note():
-                report.notes.append(note)
-            tmp = save_exported(program.model, tmp, path, force=force, protect=protect, report=report,
-                        external_data=external_data)
-            report.facts.update(describe_model(program.model))
+            tmp = finish_and_save(program.model, tmp, path, target=target, external_data=external_data, force=force,
+                                  protect=protect, report=report)
             report.facts["graph_outputs"] = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape]
                                              for v in program.model.graph.outputs}
             del program
