@@ -26,6 +26,7 @@ def test_measure_depth_on_a_tiny_sharded_llama(tmp_path: Path) -> None:
     assert row["layers"] == 3 and row["largest_block_bytes"] == 4 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32)
     assert row["ends_bytes"] == 4 * (2 * 128 * 32 + 32)
     assert row["rc"] == 0 and row["passed"], row.get("stderr_tail")
-    assert row["peak_rss_bytes"] > 0 and row["peak_vm_bytes"] >= row["peak_rss_bytes"] and row["wall_s"] > 0 and row["cp_wall_s"] > 0
+    # the address space is sampled every 20 ms (a lower bound under load), the RSS peak is the kernel's own
+    assert row["peak_rss_bytes"] > 0 and row["peak_vm_bytes"] > 0 and row["wall_s"] > 0 and row["cp_wall_s"] > 0
     assert row["rss_less_fixed_over_block_and_ends"] == row["rss_over_block_and_ends"]
     assert {path.name for path in tmp_path.iterdir()} == {"llama-3"}  # the copy and the output are removed
