@@ -148,8 +148,10 @@ def _whole_model_check(folder: Path, staging: Path, inputs: ExampleInputs, repor
 
 
 def _edit_ends(plan: Blueprint, job: StreamedSurgery, make_inputs: Callable[[nn.Module], ExampleInputs],
-               atol: float | None, rtol: float | None):
-    """Phase 1: the surgery on the ends (with block 0), the output config, and the carried embeddings."""
+               atol: float | None, rtol: float | None
+               ) -> tuple[dict[str, torch.Tensor], ExampleInputs, Any, Report, _Carried]:
+    """Phase 1: the surgery on the ends (with block 0): the edited end tensors to write, the example inputs, the
+    output config, the report of the ends' changes, and the embeddings carried into block 0."""
     config = one_block_config(plan, 0)
     model = skeleton(plan, config)
     load(model, {**plan.checkpoint.read(plan.end_names), **plan.checkpoint.read(plan.block_names(0))})
