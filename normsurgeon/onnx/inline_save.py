@@ -19,8 +19,10 @@ import onnx_ir as ir
 
 _MODEL_GRAPH = 7  # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
+_TENSOR_RAW_DATA = 9  # TensorProto.raw_data
 _LENGTH_DELIMITED = 2
 _DATA = "weights.data"
+_IN_FLIGHT = 64 * 2**20
 
 
 def save_inline(model: ir.Model, path: Path, *, staging_dir: Path) -> None:
@@ -28,7 +30,8 @@ def save_inline(model: ir.Model, path: Path, *, staging_dir: Path) -> None:
     external-data file in ``staging_dir`` (a folder with room for the weights, e.g. beside the target)."""
     with tempfile.TemporaryDirectory(prefix=".onnx-inline.", dir=staging_dir) as staging:
         staged = Path(staging) / "model.onnx"
-        ir.save(model, staged, external_data=_DATA)
+        # one tensor in flight at a time: onnx_ir's default keeps up to 1 GiB of serialized tensors in flight
+        ir.save(model, staged, external_data=_DATA, max_workers=1, max_in_flight_bytes=_IN_FLIGHT)
         proto = onnx.load(str(staged), load_external_data=False)
         external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
         inline = [t for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
@@ -40,27 +43,30 @@ def save_inline(model: ir.Model, path: Path, *, staging_dir: Path) -> None:
         with open(path, "wb") as out, open(Path(staging) / _DATA, "rb") as data:
             out.write(proto.SerializeToString())
             for tensor in external:
-                out.write(_initializer_field(_read_inline(tensor, data)))
+                _append_initializer(out, tensor, data)
 
 
-def _read_inline(tensor: onnx.TensorProto, data) -> bytes:
-    """``tensor`` with its bytes read from the external-data file put inline, serialized."""
+def _append_initializer(out, tensor: onnx.TensorProto, data) -> None:
+    """Append ``graph { initializer { tensor } }`` to a serialized model in ``out``, its bytes read from the
+    external-data file ``data``. The bytes never enter a protobuf message (a message keeps every byte string set on
+    it in its arena until the whole model is freed): the tensor's small fields are serialized alone and its
+    ``raw_data`` field is written after them, straight from the file."""
     where = {entry.key: entry.value for entry in tensor.external_data}
-    data.seek(int(where.get("offset", 0)))
-    tensor.raw_data = data.read(int(where["length"]))
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT
-    return tensor.SerializeToString()
+    head = tensor.SerializeToString()
+    data.seek(int(where.get("offset", 0)))
+    raw = data.read(int(where["length"]))
+    raw_field = _tag(_TENSOR_RAW_DATA) + _varint(len(raw))
+    tensor_length = len(head) + len(raw_field) + len(raw)
+    initializer = _tag(_GRAPH_INITIALIZER) + _varint(tensor_length)
+    graph_length = len(initializer) + tensor_length
+    out.write(_tag(_MODEL_GRAPH) + _varint(graph_length) + initializer + head + raw_field)
+    out.write(raw)
 
 
-def _initializer_field(tensor_bytes: bytes) -> bytes:
-    """``graph { initializer { tensor } }`` as ModelProto bytes, to append to a serialized model."""
-    graph = _field(_GRAPH_INITIALIZER, tensor_bytes)
-    return _field(_MODEL_GRAPH, graph)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint((number << 3) | _LENGTH_DELIMITED) + _varint(len(payload)) + payload
+def _tag(number: int) -> bytes:
+    return _varint((number << 3) | _LENGTH_DELIMITED)
 
 
 def _varint(value: int) -> bytes:
