@@ -240,3 +240,14 @@ def test_weightnorm_remove_streamed_refuses_a_class_that_builds_weight_norm(tmp_
     assert ("Wav2Vec2Model builds encoder.pos_conv_embed.conv with a parametrization (weight norm) itself"
             in result.stderr)
     assert not (tmp_path / "w2v.plain").exists()
+
+
+def test_a_tied_head_stays_tied_and_the_final_norm_is_left_with_the_reason(tmp_path: Path, cli) -> None:
+    causal_lm("llama", tie=True).save_pretrained(tmp_path / "tied", max_shard_size="20KB")
+    result = cli("fold", tmp_path / "tied", "--affine", "--stream", "--full-check", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    skipped = {s["module"]: s["reason"] for s in payload["skipped"]}
+    assert "lm_head shares its weight with model.embed_tokens" in skipped["model.norm"]
+    assert "lm_head.weight" not in _weight_map(tmp_path / "tied.folded")  # written as save_pretrained writes a tie
+    assert payload["checks"][-1]["passed"]  # from_pretrained of both folders, whole
