@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..inputs import ExampleInputs
 from ..io.huggingface import pretrained_dir_of
 from ..io.safetensors_shards import INDEX, SINGLE
+from ..io.saving import files_read
 from ..report import Report
 from ..streaming import StreamedSurgery, stream_surgery
 from .common import ModelArgs
@@ -57,7 +58,7 @@ def run_streamed(args: ModelArgs, job: StreamedSurgery, tag: str, *, title: str,
         described.append(inputs.description)
         return inputs
 
-    protect = [folder, *([args.inputs_file] if args.inputs_file else [])]
+    protect = files_read(folder, args.inputs_file)
     report = stream_surgery(folder, output, job, make_inputs, force=args.force, protect=protect,
                             progress=not args.as_json, atol=atol, rtol=rtol, full_check=full_check)
     report.notes[:0] = described

@@ -30,11 +30,11 @@ from torch import nn
 from normsurgeon.errors import LoadError, UnsafePickleError, UsageError
 
 from .pickle_safety import check_pickle, one_line
+from .safetensors_shards import MAX_HEADER_BYTES
 
 CONFIG = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 def pretrained_dir_of(path: Path) -> Path | None:
@@ -58,7 +58,7 @@ def is_safetensors(path: Path) -> bool:
     if len(head) < 9:
         return False
     (length,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < length <= min(_MAX_SAFETENSORS_HEADER, path.stat().st_size - 8)
+    return head[8:9] == b"{" and 0 < length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:

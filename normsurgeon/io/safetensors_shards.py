@@ -24,7 +24,7 @@ from .pickle_safety import one_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # a larger header is not a safetensors file
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -115,7 +115,7 @@ def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(8)
         (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
-        if not 0 < length <= min(_MAX_HEADER, path.stat().st_size - 8):
+        if not 0 < length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
             raise LoadError(f"{path}: not a safetensors file (header length {length}); re-save it")
         try:
             header = json.loads(f.read(length))

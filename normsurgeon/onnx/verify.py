@@ -110,8 +110,9 @@ def describe_inputs(inputs: ExampleInputs, axes: Sequence[Axis] = ()) -> str:
     return f"batch {batch}" if batch is not None else "scalar inputs"
 
 
-def onnx_feeds(sess: ort.InferenceSession, inputs: InputsLike) -> dict[str, np.ndarray]:
-    """The session's feed dict: the inputs' tensors, in order, as numpy arrays of the right dtype."""
+def onnx_feeds(sess: ort.InferenceSession, inputs: InputsLike) -> dict[str, np.ndarray | ort.OrtValue]:
+    """The session's feed dict: the inputs' tensors, in order, as numpy arrays of the right dtype (bfloat16 ones as
+    OrtValues: numpy has no bfloat16)."""
     graph_inputs = sess.get_inputs()
     inputs = ExampleInputs.of(inputs)
     tensors = inputs.tensors()
@@ -123,7 +124,7 @@ def onnx_feeds(sess: ort.InferenceSession, inputs: InputsLike) -> dict[str, np.n
             f"the ONNX model takes {len(graph_inputs)} inputs ({names}) but the example inputs hold "
             f"{len(tensors)} tensors; pass inputs matching the exported model (--inputs / --input-shape)"
         )
-    return {spec.name: _to_numpy(spec, tensor) for spec, tensor in zip(graph_inputs, tensors)}
+    return {spec.name: _feed_value(spec, tensor) for spec, tensor in zip(graph_inputs, tensors)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +135,7 @@ class ShapeMismatch:
     batch_only: bool
 
 
-def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ShapeMismatch | None:
+def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue]) -> ShapeMismatch | None:
     """The first feed whose rank or static dims differ from the model's declared input, or None."""
     for spec in sess.get_inputs():
         feed = feeds[spec.name]
@@ -150,7 +151,7 @@ def shape_mismatch(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> 
     return None
 
 
-def _to_numpy(spec: Any, tensor: torch.Tensor) -> np.ndarray | ort.OrtValue:
+def _feed_value(spec: Any, tensor: torch.Tensor) -> np.ndarray | ort.OrtValue:
     if tensor.dtype == torch.bfloat16 and spec.type == "tensor(bfloat16)":
         return runtime.ort_value(tensor)  # numpy has no bfloat16
     array = tensor.detach().cpu().numpy()
@@ -197,7 +198,7 @@ def _noise_of(model: nn.Module, input_sets: Sequence[ExampleInputs],
 
 def _compare(
     sess: ort.InferenceSession,
-    feeds: dict[str, np.ndarray],
+    feeds: dict[str, np.ndarray | ort.OrtValue],
     reference: Any,
     label: str,
     atol: float | None,
