@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-import torch
 
-from .runtime import PROVIDERS, ort_value, to_torch
+from .runtime import PROVIDERS, ort_value, run_torch, to_torch
 
 HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 # Never computed in float32: an attribute sets their output dtype (float32 would change what they produce), or
@@ -260,13 +258,6 @@ def _dtype_name(dtype: ir.DataType) -> str:
 
 
 # --------------------------------------------------------------------------- running bfloat16 files
-
-
-def run_torch(session: ort.InferenceSession, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Run ``session`` on torch tensors and return its outputs as torch tensors (in graph order), any dtype."""
-    names = [o.name for o in session.get_outputs()]
-    outputs = session.run_with_ort_values(names, {name: ort_value(t) for name, t in feeds.items()})
-    return [to_torch(value) for value in outputs]
 
 
 __all__ = ["HALF", "Islands", "add_float32_islands", "ort_value", "run_torch", "to_torch"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ctypes
 
@@ -66,8 +66,14 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue]
         return list(zip(names, sess.run(names, feeds)))
     values = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
     outputs = sess.run_with_ort_values(names, values)
-    return [(name, to_torch(value) if value.data_type() == "tensor(bfloat16)" else value.numpy())
+    return [(name, to_torch(value) if value.data_type() == "tensor(bfloat16)" else np.array(value.numpy()))
             for name, value in zip(names, outputs)]
+
+
+def run_torch(sess: ort.InferenceSession, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Run ``sess`` on torch tensors; its outputs as torch tensors (in graph order), any dtype, bfloat16 included."""
+    outputs = run(sess, {name: ort_value(t) for name, t in feeds.items()})
+    return [value if isinstance(value, torch.Tensor) else torch.from_numpy(value) for _, value in outputs]
 
 
 def ort_value(tensor: torch.Tensor) -> ort.OrtValue:
