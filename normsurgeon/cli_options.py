@@ -199,9 +199,10 @@ def failed_check_message(report: Any) -> str:
             "difference is expected")
 
 
-TARGETS = ("portable", "ort")  # normsurgeon.onnx.optimize.Target's values (not imported: keeps --help fast)
+TARGETS = ("portable", "ort", "ort-cpu")  # normsurgeon.onnx.optimize.Target's values (not imported: keeps --help fast)
 target_option = click.option(
     "--target", type=click.Choice(TARGETS), default="portable", show_default=True,
     help="portable: standard ONNX ops only, for any runtime. ort: also onnxruntime's fused norm ops "
          "(SimplifiedLayerNormalization below opset 23, LayerNormalization below 17, and each residual "
-         "Add + norm as com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization).")
+         "Add + norm as com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization: for CUDA). "
+         "ort-cpu: the fused norms without the Skip pairs, which onnxruntime's CPU kernels run 2-6x slower.")

@@ -27,7 +27,8 @@ def optimize(onnx_path: Path, output: Path | None, input_shapes: tuple[str, ...]
     Works on .onnx files from any exporter: BatchNormalization is folded into the layer before it
     (or an unpadded layer after it); LayerNorm / RMSNorm / GroupNorm subgraphs become the native
     ops where the model's opset has them (with --target ort, onnxruntime's own ops at any opset, and
-    residual Add + norm pairs become its Skip ops). The result is run against the input in
+    residual Add + norm pairs become its Skip ops, for CUDA; --target ort-cpu leaves those pairs, which
+    onnxruntime's CPU kernels run slower). The result is run against the input in
     onnxruntime on random inputs and written only when it matches.
 
     \b
@@ -35,6 +36,7 @@ def optimize(onnx_path: Path, output: Path | None, input_shapes: tuple[str, ...]
       normsurgeon optimize resnet18.onnx                  # static shapes: writes resnet18.opt.onnx
       normsurgeon optimize model.onnx -o model.opt.onnx --input-shape 1,3,224,224  # symbolic dims
       normsurgeon optimize llama.onnx --target ort --input-shape 1,128  # onnxruntime's fused norms
+      normsurgeon optimize llama.onnx --target ort-cpu --input-shape 1,128  # the same, minus Skip ops
     """
     from ..onnx.optimize import Target, optimize_onnx
 

@@ -11,8 +11,8 @@ TorchScript exporter, others), on onnx-ir with the onnxscript rewriter:
    (``W' = W*s``, ``b' = (b - mean)*s + beta``) or, failing that, into the unpadded layers
    after it (``W' = W*s`` per input channel, ``b' = b + W·t``): :mod:`.rules`;
 3. fuse decomposed LayerNorm / RMSNorm / GroupNorm into the native op where the opset has it; for
-   ``target=Target.ORT``, also into onnxruntime's own ops where the opset has no ONNX one, and each
-   residual Add + norm into onnxruntime's Skip op (:mod:`.rules.ort_fusions`);
+   ``target=Target.ORT`` or ``ORT_CPU``, also into onnxruntime's own ops where the opset has no ONNX one,
+   and (``ORT`` only) each residual Add + norm into onnxruntime's Skip op (:mod:`.rules.ort_fusions`);
 4. clean up (dead nodes and initializers, unused opsets);
 5. run input and output in onnxruntime CPU (same optimization level for both) on the same
    random inputs, and write the output atomically only when they match.
@@ -71,6 +71,19 @@ class Target(enum.Enum):
 
     PORTABLE = "portable"  # standard ai.onnx ops only: any runtime
     ORT = "ort"  # also onnxruntime's fused norm ops (SimplifiedLayerNormalization, Skip*LayerNormalization)
+    ORT_CPU = "ort-cpu"  # onnxruntime's fused norm ops, residual Adds left: its CPU Skip kernels are slower
+
+    @property
+    def onnxruntime_ops(self) -> bool:
+        """Norms may become onnxruntime's own ops where the opset has no ONNX one."""
+        return self is not Target.PORTABLE
+
+    @property
+    def skip_pairs(self) -> bool:
+        """Each residual Add + norm becomes a Skip op. Not for CPU: onnxruntime 1.32's CPU
+        SkipLayerNormalization takes 5-6x, SkipSimplifiedLayerNormalization 2x, the time of Add + norm
+        (measured at (1, 32..128, 512), one thread; benchmarks/README.md)."""
+        return self is Target.ORT
 
 
 def optimize_onnx(
@@ -141,10 +154,10 @@ def optimize_model(model: ir.Model, *, target: Target = Target.PORTABLE) -> tupl
     fold_batchnorms(model)
     skipped = explain_batchnorms(model)
     skipped.extend(fuse_norms(model, target=target))
-    if target is Target.ORT:
+    if target.skip_pairs:
         skipped.extend(fuse_skip_norms(model))
     cleanup(model)
-    if target is Target.ORT:
+    if target.skip_pairs:
         omit_unread_outputs(model.graph)
     return take_changes(model.graph), skipped
 
@@ -186,7 +199,7 @@ def fuse_norms(model: ir.Model, *, target: Target = Target.PORTABLE) -> list[Ski
     skipped: list[Skip] = []
     claimed: set[ir.Node] = set()  # a LayerNorm chain holds an RMSNorm-shaped tail: report it once
     for_ort = ort_norm_fusions(opset)  # NORM_FUSIONS' families, in order, as onnxruntime can take them
-    for family, ort_family in zip(for_ort if target is Target.ORT else NORM_FUSIONS, for_ort):
+    for family, ort_family in zip(for_ort if target.onnxruntime_ops else NORM_FUSIONS, for_ort):
         if opset >= family.since:
             apply_rules(model, family.core, commute=True)
             apply_rules(model, family.absorb, commute=True)

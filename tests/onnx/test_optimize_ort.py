@@ -172,7 +172,7 @@ def test_cli_target_ort_writes_the_fused_ops_and_an_unknown_target_lists_the_cho
 
     assert result.exit_code == 0, result.output
     assert _ops(target)["SkipSimplifiedLayerNormalization"] == 2
-    assert wrong.exit_code == 2 and "'portable'" in wrong.output and "'ort'" in wrong.output
+    assert wrong.exit_code == 2 and all(f"'{t}'" in wrong.output for t in ("portable", "ort", "ort-cpu"))
 
 
 # --------------------------------------------------------------------------- real exports: Llama and GPT-2
@@ -275,3 +275,22 @@ def test_as_many_fused_norms_as_onnxruntimes_transformer_optimizer(real_export, 
     ours = _ops(target)
     for op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
         assert ours[op] >= their_ops[op], op
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_ort_cpu_target_fuses_every_norm_but_leaves_the_residual_adds(real_export, tmp_path, name):
+    """On an opset-18 file: every norm one fused op (onnxruntime's SimplifiedLayerNormalization for RMSNorm),
+    no Skip op (onnxruntime's CPU Skip kernels are slower than Add + norm), same outputs."""
+    model, path, other = real_export(name, "torch-18")
+    target = tmp_path / "out.onnx"
+
+    report = optimize_onnx(path, target, input_shapes=[(2, 7)], target=Target.ORT_CPU)
+
+    plain = "LayerNormalization" if name == "gpt2" else "SimplifiedLayerNormalization"
+    ops = _ops(target)
+    assert ops[plain] == 2 * model.config.num_hidden_layers + 1
+    assert ops["SkipLayerNormalization"] == ops["SkipSimplifiedLayerNormalization"] == 0
+    assert ops["ReduceMean"] == 0 and (name == "gpt2" or ops["Pow"] == 0), "no decomposed norm left"
+    assert report.passed and report.facts["target"] == "ort-cpu"
+    _assert_same_outputs(path, target, [other])
