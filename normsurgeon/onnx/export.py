@@ -6,7 +6,9 @@ summed conv+BN branches merged, BatchNorm folded; the list is
 something to change: otherwise (an LLM) the model itself is exported, in eval mode, and no copy is
 made → ``torch.onnx.export(dynamo=True, optimize=True)`` → save to a temp file → the copy and the
 exported program released → :func:`~normsurgeon.onnx.verify.verify_onnx` of that file against the
-caller's *original* (unfolded) model → rename over the target. A failed export, save or onnxruntime
+caller's *original* (unfolded) model (torch's reference first; onnxruntime then maps the file's weights in
+place, from the temp file's hidden name beside the target, instead of holding a parsed copy) → rename over the
+target. A failed export, save or onnxruntime
 load leaves no output behind; a numerical mismatch keeps the file and fails the report.
 
 Default opset, measured (torch 2.13, onnxscript 0.7.2, onnx 1.23, onnxruntime 1.32 CPU) on a
@@ -143,6 +145,7 @@ def export_onnx(
             del program
             work = None  # the copy and the exported program go before onnxruntime loads the file
             gc.collect()
+            tmp = named_temp(tmp)  # onnxruntime maps the weights in place from a file with a name in a directory
             try:
                 verified = verify_onnx(
                     model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,

@@ -1,4 +1,4 @@
-"""Write an ONNX model with its weights inline, one initializer at a time.
+"""Write an ONNX model with its weights inline, one initializer at a time; read one without loading them.
 
 ``ir.save(model, path)`` builds the whole ModelProto, weights included, then serializes it: about
 three times the weight bytes at once (the model's own tensors, their copies in the proto, the
@@ -7,12 +7,21 @@ tensor), the small proto without them is written, and then each weight is append
 ``graph { initializer { … } }`` field. Protobuf merges repeated occurrences of a message field,
 so every reader (onnx, onnxruntime) sees one graph with all its initializers; the file is an
 ordinary single-file .onnx. Peak memory: the largest tensor, twice.
+
+:func:`weights_in_place` is the reverse: the file's protobuf structure walked field by field (raw bytes skipped,
+never read) into a small model whose large initializers refer to their own bytes inside the file as external data.
+onnxruntime memory-maps external data (on CPU it then prepacks the MatMul weights and unmaps them), so a session
+made from it holds the weights once, without the copy of every inline tensor that parsing the whole file makes.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -20,7 +29,10 @@ import onnx_ir as ir
 _MODEL_GRAPH = 7  # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
 _TENSOR_RAW_DATA = 9  # TensorProto.raw_data
-_LENGTH_DELIMITED = 2
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+# Initializers at least this big are referenced in place; smaller ones (shapes, axes) stay inline, where
+# onnxruntime's shape inference reads them.
+IN_PLACE_MIN_BYTES = 64 * 2**10
 _DATA = "weights.data"
 _IN_FLIGHT = 64 * 2**20
 
@@ -76,6 +88,110 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def weights_in_place(path: Path, *, location: str, min_bytes: int = IN_PLACE_MIN_BYTES) -> bytes:
+    """The model in ``path`` serialized again with every inline main-graph initializer of ``min_bytes`` or more
+    turned into external data at its own offset in the file, named ``location`` (``path``'s name, for a session
+    whose external-data folder is ``path``'s). Nothing else changes; the raw bytes are never read. A file that is
+    not protobuf raises ValueError."""
+    out = io.BytesIO()
+    with open(path, "rb") as file:
+        for field in _fields(file, file.seek(0, io.SEEK_END), start=0):
+            if field.number == _MODEL_GRAPH and field.value is not None:
+                graph = _graph_in_place(file, field.value, location, min_bytes)
+                out.write(_tag(_MODEL_GRAPH) + _varint(len(graph)) + graph)
+            else:
+                out.write(field.read(file))
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class _Field:
+    """One protobuf field of a file: its number, where its bytes (key included) are, and where a length-delimited
+    value's payload is (offset, length)."""
+
+    number: int
+    start: int
+    stop: int
+    value: tuple[int, int] | None
+
+    def read(self, file: BinaryIO) -> bytes:
+        file.seek(self.start)
+        return file.read(self.stop - self.start)
+
+
+def _fields(file: BinaryIO, stop: int, *, start: int) -> Iterator[_Field]:
+    """The fields between ``start`` and ``stop``; the caller may move ``file`` while it holds one."""
+    position = start
+    while position < stop:
+        file.seek(position)
+        key = _read_varint(file)
+        number, wire = key >> 3, key & 7
+        value = None
+        if wire == _VARINT:
+            _read_varint(file)
+        elif wire in (_FIXED64, _FIXED32):
+            file.seek(8 if wire == _FIXED64 else 4, io.SEEK_CUR)
+        elif wire == _LENGTH_DELIMITED:
+            length = _read_varint(file)
+            value = (file.tell(), length)
+            file.seek(length, io.SEEK_CUR)
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {position}: not an ONNX model")
+        field = _Field(number, position, file.tell(), value)
+        if field.stop > stop:
+            raise ValueError(f"the field at byte {position} runs past its message: a truncated or foreign file")
+        position = field.stop
+        yield field
+
+
+def _graph_in_place(file: BinaryIO, graph: tuple[int, int], location: str, min_bytes: int) -> bytes:
+    """A GraphProto's bytes with its large initializers' raw_data replaced by references into the file."""
+    out = io.BytesIO()
+    offset, length = graph
+    for field in _fields(file, offset + length, start=offset):
+        if field.number == _GRAPH_INITIALIZER and field.value is not None:
+            tensor = _tensor_in_place(file, field.value, location, min_bytes)
+            out.write(_tag(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor)
+        else:
+            out.write(field.read(file))
+    return out.getvalue()
+
+
+def _tensor_in_place(file: BinaryIO, tensor: tuple[int, int], location: str, min_bytes: int) -> bytes:
+    """A TensorProto's bytes; when its raw_data has ``min_bytes`` or more, without it and with an external-data
+    reference to where it sits in the file instead."""
+    head, raw = io.BytesIO(), None
+    offset, length = tensor
+    for field in _fields(file, offset + length, start=offset):
+        if field.number == _TENSOR_RAW_DATA and field.value is not None and field.value[1] >= min_bytes:
+            raw = field.value
+        else:
+            head.write(field.read(file))
+    if raw is None:
+        file.seek(offset)
+        return file.read(length)
+    proto = onnx.TensorProto.FromString(head.getvalue())
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
+
+
+def _read_varint(file: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        byte = file.read(1)
+        if not byte:
+            raise ValueError("the file ends inside a protobuf field: a truncated or foreign file")
+        value |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("a protobuf varint longer than 10 bytes: not an ONNX model")
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:

@@ -1,8 +1,9 @@
 """Prove that an .onnx file computes what a torch model computes, in onnxruntime.
 
-The torch model runs in eval mode under ``no_grad``; the .onnx file runs in onnxruntime with
-full graph optimizations (what users ship: ORT fuses and rewrites nodes, so this checks the
-graph ORT actually executes, not the one on disk). One :class:`~normsurgeon.report.Check` is
+The torch model runs in eval mode under ``no_grad``; the .onnx file runs in
+onnxruntime with full graph optimizations (what users ship: ORT fuses and rewrites nodes, so this checks the
+graph ORT actually executes, not the one on disk), its inline weights memory-mapped from the file rather than
+copied (:func:`~normsurgeon.onnx.runtime.session_in_place`). One :class:`~normsurgeon.report.Check` is
 made per (execution provider, input set).
 
 Inputs are fed by position: the tensors among the example inputs (a tuple of positional or a
