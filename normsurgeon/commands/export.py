@@ -50,8 +50,10 @@ _PROVIDER = click.option("--provider", "providers", type=click.Choice(["cpu", "c
 @click.option("--with-past", is_flag=True,
               help="Causal LMs: export the KV cache as inputs and outputs (optimum's text-generation-with-past "
                    "layout: past_key_values.N.key/value in, present.N.key/value out, a past of length 0 for the "
-                   "prefill); batch, sequence and past length symbolic. Verified over a prefill and 3 greedy decode "
-                   "steps at batch 1 and 2 against torch's own cache loop.")
+                   "prefill); batch, sequence and past length symbolic. Encoder-decoders (T5, Whisper): -o is a "
+                   "FOLDER (default MODEL-onnx/) of optimum's encoder_model.onnx, decoder_model.onnx and "
+                   "decoder_with_past_model.onnx (past_key_values.N.decoder/encoder.key/value). Verified over a "
+                   "first step and 3 greedy decode steps at batch 1 and 2 against torch's own cache loop.")
 @target_option
 @_PROVIDER
 @tolerance_options
@@ -72,16 +74,26 @@ def export(args: ModelArgs, no_fold: bool, opset: int | None, dynamic: bool, dyn
       normsurgeon export vit-dir/ --dynamic-axis pixel_values:0=batch
       normsurgeon export llama-dir/ --target ort   # onnxruntime's fused norm ops
       normsurgeon export llama-dir/ --with-past    # KV cache in and out, for generation loops
+      normsurgeon export t5-dir/ --with-past -o t5-onnx/   # encoder-decoder: a folder of three files
     """
     from ..onnx.dynamic_axes import parse_dynamic
     from ..onnx.export import export_onnx
     from ..onnx.with_past import export_with_past
+    from ..onnx.with_past_seq2seq import check_folder_target, export_seq2seq_with_past, is_encoder_decoder
 
     axes = parse_dynamic(dynamic_axes, defaults=dynamic)  # a bad spec fails before the model loads
     if with_past and (axes or dynamic_batch or args.gives_inputs):
         raise UsageError("--with-past sets its own inputs and dynamic axes (batch, sequence, past length); leave out "
                          "--dynamic, --dynamic-axis, --dynamic-batch, --input-shape and --inputs")
     opened = open_model(args, None)
+    if with_past and is_encoder_decoder(opened.model):
+        folder = args.output or seq2seq_folder_for(args.model_path)
+        check_folder_target(folder, force=args.force, protect=opened.reads)  # before the slow work
+        report = export_seq2seq_with_past(opened.model, folder, fold=not no_fold, opset=opset, providers=providers,
+                                          atol=atol, rtol=rtol, force=args.force, protect=opened.reads,
+                                          verbose=args.verbose, external_data=external_data, target=target)
+        opened.emit(report, title="normsurgeon export", facts={"output": f"{folder}/"}, extra={"output": str(folder)})
+        return
     out_path = opened.output_file(onnx_path_for(args.model_path))
     if with_past:
         report = export_with_past(opened.model, out_path, fold=not no_fold, opset=opset, providers=providers,
@@ -125,3 +137,9 @@ def verify(args: ModelArgs, onnx_path: Path, providers: str, atol: float | None,
 def onnx_path_for(model_path: Path) -> Path:
     """model.pt -> model.onnx; a save_pretrained folder -> folder.onnx beside it; timm:NAME -> NAME.onnx."""
     return default_output_path(model_path, "", ".onnx")
+
+
+def seq2seq_folder_for(model_path: Path) -> Path:
+    """The default --with-past folder of an encoder-decoder: model.pt -> model-onnx/, t5-dir/ -> t5-dir-onnx/."""
+    path = onnx_path_for(model_path)
+    return path.with_name(f"{path.stem}-onnx")

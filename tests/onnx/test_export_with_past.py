@@ -137,12 +137,6 @@ def test_an_onnxruntime_greedy_loop_generates_what_generate_does(name, exported)
     assert produced.tolist() == expected.tolist()
 
 
-def test_an_encoder_decoder_is_refused_before_any_export(tmp_path):
-    with pytest.raises(ExportError, match="encoder-decoders .* not supported yet"):
-        export_with_past(pretrained_model("t5"), tmp_path / "t5.onnx")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_model_without_a_cache_is_refused(tmp_path):
     with pytest.raises(ExportError, match="causal LM"):
         export_with_past(nn.Linear(2, 2), tmp_path / "linear.onnx")
