@@ -25,11 +25,14 @@ Verification (:func:`verify_seq2seq`) is torch's own loop, at batch 1 and 2: the
 prompt (row ``i`` of a text batch right-padded by ``2 * i``), then, on torch's encoder output, the first step
 (``decoder_model`` on the start token) and greedy decode steps (``decoder_with_past_model`` fed its own presents)
 against ``model(..., cache=EncoderDecoderCache, use_cache=True)`` on the same tokens; every step is a check.
-Measured max differences per step (tiny float32 T5 and Whisper): see the tests' module docstring.
+Measured max differences per step on tiny float32 models: T5 1.2e-6 (the encoder and every decoder step),
+Whisper 7e-7 on the encoder and 1e-7 on the decoder steps; a plain onnxruntime loop over the three files generates
+the tokens ``generate(do_sample=False)`` does.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import time
@@ -269,8 +272,9 @@ def check_folder_target(folder: Path, *, force: bool, protect: Sequence[Path]) -
     for read in protect:
         if folder.resolve() == Path(read).resolve() or Path(read).resolve().is_relative_to(folder.resolve()):
             raise OutputError(f"refusing to write {folder}: it holds the input {read}; choose another path with -o")
-    if not folder.parent.is_dir():
-        raise OutputError(f"cannot write {folder}: {folder.parent} is not a directory; choose another path with -o")
+    if not folder.parent.is_dir() or not os.access(folder.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {folder}: {folder.parent} is not a writable directory; choose another path "
+                          "with -o")
     if folder.exists() or folder.is_symlink():
         if not force:
             raise OutputError(f"{folder} exists; pass --force to replace it")
@@ -355,7 +359,11 @@ def _no_cache_example(layout: Seq2SeqLayout) -> dict:
 def _audio_frames(model: nn.Module) -> int:
     """The number of mel frames Whisper's encoder accepts (it refuses any other)."""
     encoder = model.get_encoder()
-    return model.config.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
+    convs = [getattr(encoder, name, None) for name in ("conv1", "conv2")]
+    if not all(isinstance(conv, nn.Conv1d) for conv in convs) or not hasattr(model.config, "max_source_positions"):
+        raise ExportError(f"{type(model).__name__}: of the audio encoder-decoders --with-past covers Whisper's "
+                          "encoder (two Conv1d, max_source_positions); export this model without --with-past")
+    return model.config.max_source_positions * convs[0].stride[0] * convs[1].stride[0]
 
 
 def _encoder_feeds(audio: bool, features: tuple[int, int], batch: int, vocab: int, length: int | None = None,
