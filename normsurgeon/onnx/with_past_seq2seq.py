@@ -26,8 +26,9 @@ prompt (row ``i`` of a text batch right-padded by ``2 * i``), then, on torch's e
 (``decoder_model`` on the start token) and greedy decode steps (``decoder_with_past_model`` fed its own presents)
 against ``model(..., cache=EncoderDecoderCache, use_cache=True)`` on the same tokens; every step is a check.
 Measured max differences per step on tiny float32 models: T5 1.2e-6 (the encoder and every decoder step),
-Whisper 7e-7 on the encoder and 1e-7 on the decoder steps; a plain onnxruntime loop over the three files generates
-the tokens ``generate(do_sample=False)`` does.
+Whisper 7e-7 on the encoder and 1e-7 on the decoder steps, BART and Marian 7e-7; a plain onnxruntime loop over the
+three files generates the tokens ``generate(do_sample=False)`` does. Audio encoders other than Whisper's
+(Speech2Text) are refused.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Seq2SeqLayout:
         if start is None:
             raise ExportError("the model's config has no decoder_start_token_id, the token the decoder starts from; "
                               "set model.config.decoder_start_token_id")
-        features = (config.num_mel_bins, _audio_frames(model)) if audio else (0, 0)
+        features = _audio_features(model) if audio else (0, 0)
         with torch.no_grad(), eval_mode(model):
             hidden = _torch_encoder(model, _encoder_feeds(audio, features, 1, vocab=2))
             out = _torch_decoder(model, torch.full((1, 1), start), hidden, None, _empty_cache(model))
@@ -356,14 +357,15 @@ def _no_cache_example(layout: Seq2SeqLayout) -> dict:
 # --------------------------------------------------------------------------- torch's own calls
 
 
-def _audio_frames(model: nn.Module) -> int:
-    """The number of mel frames Whisper's encoder accepts (it refuses any other)."""
-    encoder = model.get_encoder()
+def _audio_features(model: nn.Module) -> tuple[int, int]:
+    """The (mel bins, frames) Whisper's encoder accepts (it refuses any other number of frames)."""
+    config, encoder = model.config, model.get_encoder()
     convs = [getattr(encoder, name, None) for name in ("conv1", "conv2")]
-    if not all(isinstance(conv, nn.Conv1d) for conv in convs) or not hasattr(model.config, "max_source_positions"):
+    if not all(isinstance(conv, nn.Conv1d) for conv in convs) or not all(
+            hasattr(config, key) for key in ("max_source_positions", "num_mel_bins")):
         raise ExportError(f"{type(model).__name__}: of the audio encoder-decoders --with-past covers Whisper's "
-                          "encoder (two Conv1d, max_source_positions); export this model without --with-past")
-    return model.config.max_source_positions * convs[0].stride[0] * convs[1].stride[0]
+                          "encoder (mel features through two Conv1d); export this model without --with-past")
+    return config.num_mel_bins, config.max_source_positions * convs[0].stride[0] * convs[1].stride[0]
 
 
 def _encoder_feeds(audio: bool, features: tuple[int, int], batch: int, vocab: int, length: int | None = None,

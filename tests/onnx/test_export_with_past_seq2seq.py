@@ -235,6 +235,28 @@ def test_an_encoder_decoder_without_a_language_head_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bart_exports_and_passes_too(tmp_path):
+    """Nothing in the export is T5's or Whisper's own: BART's decoder (learned positions, no relative bias) passes."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    report = export_seq2seq_with_past(tf.BartForConditionalGeneration(config).eval(), tmp_path / "bart-onnx",
+                                      decode_steps=1)
+
+    assert report.passed and len(report.checks) == 6
+
+
+def test_an_audio_encoder_decoder_other_than_whisper_is_refused(tmp_path):
+    tf = pytest.importorskip("transformers")
+    config = tf.Speech2TextConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, input_feat_per_channel=8, conv_channels=16)
+    with pytest.raises(ExportError, match="covers Whisper's encoder"):
+        export_seq2seq_with_past(tf.Speech2TextForConditionalGeneration(config).eval(), tmp_path / "s2t-onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_that_is_not_an_encoder_decoder_is_refused(tmp_path):
     with pytest.raises(ExportError, match=r"\*ForConditionalGeneration"):
         export_seq2seq_with_past(nn.Linear(2, 2), tmp_path / "linear-onnx")
