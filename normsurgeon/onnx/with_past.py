@@ -20,8 +20,8 @@ on the same tokens, at batch 1 and at batch 2 with the second row left-padded; e
 Measured max differences per step: 6e-8 to 1.2e-7 on tiny float32 Llama, Qwen2, GPT-2, Gemma, Phi-3 and
 OPT; float16 and bfloat16 models export too (float32 islands where onnxruntime CPU lacks a kernel) within
 their dtype's tolerance (tiny Llama: 4.9e-4 and 2.8e-3).
-Encoder-decoders (T5, Whisper: an ``EncoderDecoderCache`` and an encoder pass) and caches with
-sliding-window layers are refused.
+Encoder-decoders (T5, Whisper: an ``EncoderDecoderCache`` and an encoder pass) are
+:mod:`.with_past_seq2seq`'s; caches with sliding-window layers are refused.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ class CacheLayout:
         """Probe ``model`` with two tokens; an ExportError for a model this export does not cover."""
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
-            raise ExportError("--with-past covers decoder-only causal LMs; encoder-decoders (T5, Whisper, ...) are "
-                              "not supported yet: export without --with-past (no cache)")
+            raise ExportError("export_with_past covers decoder-only causal LMs; for an encoder-decoder (T5, Whisper, "
+                              "...) call normsurgeon.onnx.with_past_seq2seq.export_seq2seq_with_past, which writes "
+                              "optimum's three files to a folder (the CLI's export --with-past does so itself)")
         params = forward_parameters(model)
         keyword = next((k for k in ("cache", "past_key_values") if k in params), None)
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

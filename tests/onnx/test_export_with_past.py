@@ -142,6 +142,12 @@ def test_a_model_without_a_cache_is_refused(tmp_path):
         export_with_past(nn.Linear(2, 2), tmp_path / "linear.onnx")
 
 
+def test_an_encoder_decoder_is_pointed_to_the_folder_export_before_any_export(tmp_path):
+    with pytest.raises(ExportError, match="export_seq2seq_with_past"):
+        export_with_past(pretrained_model("t5"), tmp_path / "t5.onnx")
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_cache_layout_is_read_from_the_model():
     layout = CacheLayout.of(causal_lm("llama"))
 
