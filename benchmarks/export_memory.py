@@ -9,7 +9,9 @@ folder in a process of its own, once per dtype. Then, per repetition, each in a 
 * ``loaded`` -- the loaded model: the process imports normsurgeon, loads DIR the way the CLI does, runs one forward
   on the same inputs and reads every parameter once (a safetensors checkpoint is memory-mapped: a forward alone
   leaves most of the embedding unread, which the export's save reads);
-* ``forward`` -- the same without reading every parameter (the lower baseline the README quoted before).
+* ``forward`` -- the same without reading every parameter (the lower baseline the README quoted before);
+* ``imports`` -- ``loaded`` with the ONNX stack export imports (torch.onnx, onnxscript, onnx_ir, onnxruntime)
+  imported too: how much of *beyond* is code, whatever the model's size.
 
 *Beyond* is the export's peak minus the loaded model's, reported in bytes and as a multiple of the weight bytes
 (median of ``--reps``). ``--steps`` adds one more export in an instrumented process that reads ``VmRSS``/``VmHWM``
@@ -61,21 +63,24 @@ def build(folder: Path, config: dict[str, Any], dtype: str) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in params), "weight_bytes": sum(p.nbytes for p in params)}
 
 
-def load(folder: Path, *, touch: bool) -> dict[str, Any]:
+def load(folder: Path, *, touch: bool, onnx_stack: bool = False) -> dict[str, Any]:
     """Load ``folder`` as the CLI does, run one forward on the inputs export infers; with ``touch``, read every
-    parameter too. Reports the process's resident set after."""
+    parameter too (a max over each: no converted copy); with ``onnx_stack``, also import what export imports (torch.onnx,
+    onnxscript, onnx_ir, onnxruntime). Reports the process's resident set after."""
     import torch
 
     from normsurgeon.io.inputs import resolve_inputs
     from normsurgeon.io.loading import load_model
 
+    if onnx_stack:
+        import normsurgeon.onnx.export  # noqa: F401
     model = load_model(folder).model.eval()
     inputs = resolve_inputs(model, input_shapes=(), inputs_file=None, trust_pickle=False)
     with torch.no_grad():
         inputs.call(model)
         if touch:
             for parameter in model.parameters():
-                parameter.float().sum()
+                parameter.detach().max()  # a reduction in place: no converted or widened copy
     return {"rss_bytes": _status_kib("VmRSS") * 1024}
 
 
@@ -173,11 +178,12 @@ def measure(dtype: str, config: dict[str, Any], *, reps: int, with_steps: bool, 
     folder = work / f"llama-{dtype}"
     size, _, _ = _worker({"do": "build", "folder": str(folder), "config": config, "dtype": dtype}, timeout=timeout)
     row: dict[str, Any] = {"dtype": dtype, **size, "config": config}
-    peaks: dict[str, list[int]] = {"export": [], "loaded": [], "forward": []}
+    peaks: dict[str, list[int]] = {"export": [], "loaded": [], "forward": [], "imports": []}
     walls: list[float] = []
     for _ in range(reps):
-        for kind in ("loaded", "forward"):
-            _, peak, _ = _worker({"do": "load", "folder": str(folder), "touch": kind == "loaded"}, timeout=timeout)
+        for kind in ("loaded", "forward", "imports"):
+            job = {"do": "load", "folder": str(folder), "touch": kind != "forward", "onnx_stack": kind == "imports"}
+            _, peak, _ = _worker(job, timeout=timeout)
             peaks[kind].append(peak)
         out = work / f"llama-{dtype}.onnx"
         _, peak, wall, code = _python(["-m", "normsurgeon", "export", str(folder), "-o", str(out), "--force"],
@@ -192,7 +198,7 @@ def measure(dtype: str, config: dict[str, Any], *, reps: int, with_steps: bool, 
         row[f"{kind}_peak_bytes"] = int(statistics.median(values))
     row["export_wall_s_all"] = walls
     row["export_wall_s"] = statistics.median(walls)
-    for baseline in ("loaded", "forward"):
+    for baseline in ("loaded", "forward", "imports"):
         beyond = row["export_peak_bytes"] - row[f"{baseline}_peak_bytes"]
         row[f"beyond_{baseline}_bytes"] = beyond
         row[f"beyond_{baseline}_x_weights"] = round(beyond / row["weight_bytes"], 3)
@@ -211,7 +217,8 @@ def describe(row: dict[str, Any]) -> str:
         f"{row['loaded_peak_bytes'] / mib:.0f} MiB (one forward only: {row['forward_peak_bytes'] / mib:.0f} MiB)",
         f"  beyond the loaded model: {row['beyond_loaded_bytes'] / mib:.0f} MiB = {row['beyond_loaded_x_weights']:.2f}x "
         f"the weights (beyond one forward: {row['beyond_forward_bytes'] / mib:.0f} MiB = "
-        f"{row['beyond_forward_x_weights']:.2f}x)",
+        f"{row['beyond_forward_x_weights']:.2f}x); of it, importing the ONNX stack: "
+        f"{(row['imports_peak_bytes'] - row['loaded_peak_bytes']) / mib:.0f} MiB",
     ]
     for step in row.get("steps", []):
         if "peak_bytes" in step:
@@ -235,7 +242,7 @@ def main() -> None:
         if job["do"] == "build":
             result: Any = build(folder, job["config"], job["dtype"])
         elif job["do"] == "load":
-            result = load(folder, touch=job["touch"])
+            result = load(folder, touch=job["touch"], onnx_stack=job["onnx_stack"])
         else:
             result = steps(folder, Path(job["out"]))
         print(json.dumps(result))

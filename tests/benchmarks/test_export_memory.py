@@ -22,7 +22,7 @@ def test_quick_run_measures_the_export_against_the_loaded_model(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["dtype"] == "float32" and row["weight_bytes"] == 4 * row["parameters"] > 0
-    for kind in ("export", "loaded", "forward"):
+    for kind in ("export", "loaded", "forward", "imports"):
         assert len(row[f"{kind}_peak_bytes_all"]) == 1 and row[f"{kind}_peak_bytes"] > 0
     assert row["beyond_loaded_bytes"] == row["export_peak_bytes"] - row["loaded_peak_bytes"]
     steps = [step["step"] for step in row["steps"]]
