@@ -1,42 +1,61 @@
 """Transformer ONNX: normsurgeon's export (and ``optimize --target ort``) against optimum's (issue 18).
 
 For small random-weight ``transformers`` models (BERT, GPT-2, Llama, Qwen2: hidden 256, 4 layers, vocab 8000),
-saved with ``save_pretrained`` to a temporary folder, four ONNX files with symbolic batch and sequence, no KV cache:
+saved with ``save_pretrained`` to a temporary folder, ONNX files with symbolic batch and sequence, no KV cache:
 
 * ``ns`` -- ``normsurgeon export DIR --dynamic`` (opset 23, its default; verified in onnxruntime);
 * ``ns+ort`` -- that file through ``normsurgeon optimize --target ort`` (onnxruntime's fused norm ops);
-* ``optimum`` -- ``optimum-cli export onnx --task feature-extraction|text-generation`` (opset 18); where optimum
-  cannot run (optimum-onnx 0.1.0 needs transformers < 4.58: see benchmarks/README.md) the stand-in
-  ``torch.onnx.export(dynamo=True, opset_version=18)`` with the same dynamic axes, labelled ``torch18``;
-* ``optimum+trf`` / ``torch18+trf`` -- that file through ``onnxruntime.transformers.optimizer.optimize_model``
-  (model_type ``bert`` for BERT, ``gpt2`` for the decoders, as optimum's ORTConfigManager maps them; opt_level 1,
-  optimum's ``OptimizationConfig`` default; CPU).
+* ``ns+trf`` -- that file through onnxruntime's transformer optimizer, as a user who runs it would; where the
+  optimizer fails the failure is recorded and the row left out;
+* ``optimum`` -- optimum's own ``main_export(DIR, OUT, task=feature-extraction|text-generation)`` (opset 18,
+  validation on), run by the python of a separate virtual environment (``benchmarks/optimum_env.sh``: optimum-onnx
+  0.1.0 needs transformers < 4.58) given by ``--optimum-python``, ``NS_OPTIMUM_PYTHON`` or found at
+  /tmp/optimum-env/bin/python. Without it, the stand-in ``torch.onnx.export(dynamo=True, opset_version=18)`` with
+  the same dynamic axes, labelled ``torch18`` (and the table says so);
+* ``optimum+trf`` / ``torch18+trf`` -- that file through onnxruntime's transformer optimizer.
 
-Export wall time and peak RSS come from a fresh process per export (``ru_maxrss`` through ``os.wait4``); *extra*
-is that peak minus the peak of a fresh process that only imports normsurgeon and transformers and loads the
-model (the loaded model). Max abs error is each file's first output in onnxruntime against torch on the same
-token ids. Latency: onnxruntime CPU, 1 intra-op thread, batch 1, sequence 32 and 128, CPU time, median over
-interleaved rounds of the four files (``benchmarks.timing.interleaved``)::
+The transformer optimizer runs with the settings of optimum's ``optimum-cli onnxruntime optimize -O2``
+(``AutoOptimizationConfig.O2``: opt_level 2, transformer fusions on, EmbedLayerNormalization fusion off, CPU;
+``-O1`` runs no transformer fusion at all, ``-O3`` approximates Gelu, ``-O4`` is fp16), model type as optimum's
+ORTConfigManager maps it (``bert``; ``gpt2`` for GPT-2, Llama and Qwen2). It is called here rather than through
+optimum's ORTOptimizer so that the same call optimizes every file (ORTOptimizer also refuses Qwen2).
+
+Export wall time and peak RSS come from a fresh process per export (``ru_maxrss`` through ``os.wait4``). *Extra*
+memory is measured inside that process: the kernel's peak-RSS mark is reset once the model is loaded, and extra is
+the peak after that minus the RSS then (``benchmarks/transformer_onnx_export.py``); "beyond load" seconds start at
+the same moment. Max abs error is each file's first output in onnxruntime against torch on the same token ids.
+Latency: onnxruntime CPU, 1 intra-op thread, batch 1, sequence 32 and 128, CPU time per call, in interleaved
+rounds (every file once per round, shuffled); each file's ratio to the fastest reference is taken round by
+round, and the table gives its median and interquartile range, so a 2% gap can be told from noise::
 
     python -m benchmarks.transformer_onnx            # ~10 min on 2 cores
     python -m benchmarks.transformer_onnx --quick    # a tiny Llama, sequence 32 (smoke)
+    bash benchmarks/optimum_env.sh                   # once: optimum in /tmp/optimum-env
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import gc
+import io
 import json
+import logging
 import os
+import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _ROOT = Path(__file__).resolve().parent.parent
 RESULTS = _ROOT / "benchmarks" / "results" / "transformer_onnx.json"
+EXPORT_WORKER = _ROOT / "benchmarks" / "transformer_onnx_export.py"
+DEFAULT_OPTIMUM_PYTHON = Path("/tmp/optimum-env/bin/python")
 
 MODELS = ("bert", "gpt2", "llama", "qwen2")
 SEQ_LENS = (32, 128)
@@ -48,7 +67,8 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEm
              "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu", "Gelu",
              "FusedMatMul", "MatMul", "Gemm", "Softmax")
 FAILURES: list[str] = []
-TRF_MODEL_TYPE = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "qwen2": "gpt2"}
+TRF_MODEL_TYPE = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "qwen2": "gpt2"}  # optimum's ORTConfigManager
+TRF_OPT_LEVEL = 2  # optimum's AutoOptimizationConfig.O2
 
 
 # --------------------------------------------------------------------------- models
@@ -78,106 +98,150 @@ def build(name: str, size: dict[str, int]):
     return model_cls(config).eval()
 
 
-def _load(folder: Path):
-    import normsurgeon  # noqa: F401
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(folder)
-    auto = transformers.AutoModel if config.model_type == "bert" else transformers.AutoModelForCausalLM
-    return auto.from_pretrained(folder).eval()
+# --------------------------------------------------------------------------- optimum's environment
 
 
-# --------------------------------------------------------------------------- export workers (fresh processes)
+def optimum_python(given: str | None) -> Path | None:
+    """The python of optimum's environment: ``--optimum-python``, else $NS_OPTIMUM_PYTHON, else the default venv's."""
+    chosen = given or os.environ.get("NS_OPTIMUM_PYTHON")
+    if chosen:
+        return Path(chosen)
+    return DEFAULT_OPTIMUM_PYTHON if DEFAULT_OPTIMUM_PYTHON.exists() else None
 
 
-def _torch18(folder: str, out: str) -> None:
-    """The stand-in for optimum's export: torch's dynamo exporter at optimum's opset, batch and sequence dynamic."""
-    import torch
-
-    from normsurgeon.onnx.export import quiet
-
-    model = _load(Path(folder))
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    dims = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}}
-    with quiet(), torch.no_grad():
-        torch.onnx.export(model, (ids,), dynamo=True, opset_version=18, dynamic_shapes=dims).save(out)
-
-
-def _optimum(folder: str, out: str) -> None:
-    import normsurgeon  # noqa: F401
-    from optimum.exporters.onnx import main_export
-
-    task = "feature-extraction" if "bert" in Path(folder).name else "text-generation"
-    main_export(folder, out, task=task, no_post_process=False)
+def optimum_missing(python: Path | None) -> str | None:
+    """None when optimum's ONNX exporter imports in ``python``, else why it cannot run."""
+    if python is None:
+        return (f"no optimum environment: {DEFAULT_OPTIMUM_PYTHON} does not exist and neither --optimum-python nor "
+                "NS_OPTIMUM_PYTHON is set (bash benchmarks/optimum_env.sh makes it)")
+    if not python.exists():
+        return f"{python} does not exist (bash benchmarks/optimum_env.sh makes the optimum environment)"
+    probe = "from optimum.exporters.onnx import main_export"
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
+    return None if done.returncode == 0 else f"{python}: " + (done.stderr.strip().splitlines() or ["?"])[-1]
 
 
-def _baseline(folder: str, out: str) -> None:
-    """Only what every export holds anyway: the libraries and the loaded model."""
-    _load(Path(folder))
+def optimum_versions(python: Path) -> dict[str, str]:
+    """The versions that matter in optimum's environment, for the results file."""
+    script = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+              "('optimum', 'optimum-onnx', 'transformers', 'torch', 'onnx', 'onnxruntime')}))")
+    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
 
 
-WORKERS = {"torch18": _torch18, "optimum": _optimum, "baseline": _baseline}
+# --------------------------------------------------------------------------- exports (fresh processes)
 
 
-def _command(variant: str, folder: Path, out: Path) -> list[str]:
-    if variant == "ns":
-        return [sys.executable, "-m", "normsurgeon", "export", str(folder), "--dynamic", "-o", str(out), "--force"]
-    job = json.dumps({"variant": variant, "folder": str(folder), "out": str(out)})
-    return [sys.executable, "-m", "benchmarks.transformer_onnx", "--worker", job]
-
-
-def run_fresh(command: list[str]) -> dict[str, float]:
-    """Run ``command`` in a fresh process: its wall seconds, CPU seconds and peak RSS (bytes)."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+def run_export(variant: str, folder: Path, out: Path, python: Path) -> dict[str, float]:
+    """Export in a fresh process of ``python``: wall and CPU seconds, peak RSS (``os.wait4``), and, from the worker,
+    the RSS once the model was loaded, what the export needed beyond it, and the seconds after the load."""
+    stats_file = out.parent / f"{out.name}.stats.json"
+    job = json.dumps({"variant": variant, "folder": str(folder), "out": str(out), "stats": str(stats_file)})
+    start_wall, start = time.time(), time.perf_counter()
+    process = subprocess.Popen([str(python), str(EXPORT_WORKER), job], cwd=_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    stdout, stderr = process.stdout.read(), process.stderr.read()
+    wall, end_wall = time.perf_counter() - start, time.time()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise RuntimeError(f"{command}: failed ({process.returncode}): {(stdout + stderr)[-2000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024}
+        raise RuntimeError(f"{variant} export of {folder.name} failed ({process.returncode}): {output[-2000:]}")
+    stats = json.loads(stats_file.read_text())
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "loaded_rss_bytes": stats["loaded_rss_bytes"],
+            "extra_rss_bytes": stats["peak_after_load_bytes"] - stats["loaded_rss_bytes"],
+            "extra_wall_s": end_wall - stats["loaded_at"], "load_wall_s": stats["loaded_at"] - start_wall}
 
 
-# --------------------------------------------------------------------------- files
-
-
-def make_files(name: str, folder: Path, work: Path, reference: str) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Every variant's file and the exports' costs (``reference`` is "optimum" or "torch18")."""
-    import onnxruntime.transformers.optimizer as trf
-
-    from normsurgeon.onnx.export import quiet
-
-    files, costs = {}, {"baseline": run_fresh(_command("baseline", folder, work / "none"))}
-    files["ns"] = work / "ns.onnx"
-    costs["ns"] = run_fresh(_command("ns", folder, files["ns"]))
-    files["ns+ort"] = work / "ns_ort.onnx"
+def ns_optimize(source: Path, out: Path) -> dict[str, float]:
+    """``normsurgeon optimize --target ort`` on ``source``; its wall seconds."""
     start = time.perf_counter()
-    optimized = subprocess.run([sys.executable, "-m", "normsurgeon", "optimize", str(files["ns"]), "--target", "ort",
-                                "--input-shape", "1,32", "-o", str(files["ns+ort"]), "--force"],
-                               cwd=_ROOT, capture_output=True, text=True, check=False)
-    if optimized.returncode != 0:
-        raise RuntimeError(f"normsurgeon optimize failed: {(optimized.stdout + optimized.stderr)[-2000:]}")
-    costs["ns+ort"] = {"wall_s": time.perf_counter() - start}
-    out = work / reference
-    costs[reference] = run_fresh(_command(reference, folder, out))
-    files[reference] = out / "model.onnx" if reference == "optimum" else out
+    done = subprocess.run([sys.executable, "-m", "normsurgeon", "optimize", str(source), "--target", "ort",
+                           "--input-shape", "1,32", "-o", str(out), "--force"],
+                          cwd=_ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"normsurgeon optimize failed: {(done.stdout + done.stderr)[-2000:]}")
+    return {"wall_s": time.perf_counter() - start}
+
+
+def trf_optimize(source: Path, out: Path, name: str, folder: Path) -> dict[str, Any]:
+    """onnxruntime's transformer optimizer on ``source`` with optimum's -O2 settings (see the module docstring).
+
+    Returns its wall seconds, the nodes it added and removed per op type, and what it printed or logged (a failed
+    symbolic shape inference, a skipped fusion); raises what the optimizer raises, or when onnxruntime cannot load
+    its file."""
+    import onnxruntime.transformers.optimizer as trf
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
     config = json.loads((folder / "config.json").read_text())
     heads = config.get("num_attention_heads", config.get("n_head"))
     hidden = config.get("hidden_size", config.get("n_embd"))
+    options = FusionOptions(TRF_MODEL_TYPE[name])
+    options.enable_embed_layer_norm = False  # O2 keeps OptimizationConfig's disable_embed_layer_norm_fusion=True
     start = time.perf_counter()
+    with _captured() as said:
+        model = trf.optimize_model(str(source), model_type=TRF_MODEL_TYPE[name], num_heads=heads,
+                                   hidden_size=hidden, opt_level=TRF_OPT_LEVEL, optimization_options=options,
+                                   use_gpu=False)
+        model.save_model_to_file(str(out))
+    seconds = time.perf_counter() - start
+    _session(out)  # a file onnxruntime cannot load is a failure of the optimizer too
+    return {"wall_s": seconds, "trf_changed": op_change(source, out), "trf_said": said}
+
+
+def op_change(before: Path, after: Path) -> dict[str, int]:
+    """How many nodes of each op type a step added (positive) or removed (negative)."""
+    import onnx
+
+    counts = [collections.Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+              for path in (before, after)]
+    change = {op: counts[1][op] - counts[0][op] for op in counts[0].keys() | counts[1].keys()}
+    return dict(sorted(((op, n) for op, n in change.items() if n), key=lambda item: (-item[1], item[0])))
+
+
+@contextlib.contextmanager
+def _captured():
+    """Collect the lines the transformer optimizer prints and its warnings, instead of showing them."""
+    said: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(f"{record.name}: {record.getMessage()}")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    stdout = io.StringIO()
     try:
-        with quiet():
-            model = trf.optimize_model(str(files[reference]), model_type=TRF_MODEL_TYPE[name], num_heads=heads,
-                                       hidden_size=hidden, opt_level=1, use_gpu=False)
-            model.save_model_to_file(str(work / f"{reference}_trf.onnx"))
-    except Exception as error:  # noqa: BLE001  (the optimizer's own failure is a result: recorded, row left out)
-        FAILURES.append(f"{name} {reference}+trf: onnxruntime's transformer optimizer failed: {error!r}")
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+            yield said
+    finally:
+        root.removeHandler(handler)
+        said[:0] = [line for line in stdout.getvalue().splitlines() if line.strip()]
+
+
+def optimized_row(step: Callable[[], dict[str, Any]], label: str) -> dict[str, Any] | None:
+    """Run an optimizing step; its failure is a result (recorded, printed, row left out), not a crash."""
+    try:
+        return step()
+    except Exception as error:  # noqa: BLE001
+        FAILURES.append(f"{label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         print(FAILURES[-1], flush=True)
-        return files, costs
-    files[f"{reference}+trf"] = work / f"{reference}_trf.onnx"
-    costs[f"{reference}+trf"] = {"wall_s": time.perf_counter() - start}
+        return None
+
+
+def make_files(name: str, folder: Path, work: Path, reference: str,
+               optimum: Path | None) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Every variant's file and what making it cost (``reference`` is "optimum" or "torch18")."""
+    files = {"ns": work / "ns.onnx", "ns+ort": work / "ns_ort.onnx"}
+    costs = {"ns": run_export("ns", folder, files["ns"], Path(sys.executable))}
+    costs["ns+ort"] = ns_optimize(files["ns"], files["ns+ort"])
+    out = work / reference
+    costs[reference] = run_export(reference, folder, out, optimum if reference == "optimum" else Path(sys.executable))
+    files[reference] = out / "model.onnx" if reference == "optimum" else out
+    for source in ("ns", reference):
+        variant = f"{source}+trf"
+        target = work / f"{source}_trf.onnx"
+        cost = optimized_row(lambda s=source, t=target: trf_optimize(files[s], t, name, folder),
+                             f"{name} {variant}: onnxruntime's transformer optimizer failed")
+        if cost is not None:
+            files[variant], costs[variant] = target, cost
     return files, costs
 
 
@@ -189,6 +253,9 @@ def op_histogram(path: Path) -> dict[str, Any]:
     counts = collections.Counter(node.op_type for node in model.graph.node)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     return {"nodes": len(model.graph.node), "opset": opset, "ops": {op: counts[op] for op in FUSED_OPS if counts[op]}}
+
+
+# --------------------------------------------------------------------------- onnxruntime: error and latency
 
 
 def _session(path: Path):
@@ -211,13 +278,63 @@ def _feeds(session, ids) -> dict[str, Any]:
     return {i.name: values[i.name] for i in session.get_inputs()}
 
 
-def measure_runtime(model, files: dict[str, Path], seq_lens: tuple[int, ...], rounds: int) -> dict[str, Any]:
-    """Per sequence length: each file's max abs error against torch and its median onnxruntime CPU seconds."""
+def timed_rounds(calls: dict[str, Callable[[], Any]], rounds: int, min_block_s: float) -> dict[str, list[float]]:
+    """Per-call CPU seconds of every candidate in each of ``rounds`` rounds (one block each, shuffled order).
+
+    A block is as many calls as make the first candidate take about ``min_block_s``, the same count for all;
+    3 warm-up calls each first; the garbage collector off while timing."""
+    for call in calls.values():
+        for _ in range(3):
+            call()
+    first = next(iter(calls.values()))
+    single = min(_block(first, 1) for _ in range(3))
+    count = max(1, round(min_block_s / max(single, 1e-9)))
+    names, order = list(calls), random.Random(0)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            order.shuffle(names)
+            for name in names:
+                samples[name].append(_block(calls[name], count))
+    finally:
+        gc.enable()
+    return samples
+
+
+def _block(call: Callable[[], Any], count: int) -> float:
+    start = time.process_time()
+    for _ in range(count):
+        call()
+    return (time.process_time() - start) / count
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """25th, 50th and 75th percentiles (linear interpolation)."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return q1, median, q3
+
+
+def ratio_summary(samples: dict[str, list[float]], references: list[str]) -> dict[str, dict[str, Any]]:
+    """Each candidate's median seconds and, round by round, its time over the fastest reference's (the reference
+    with the lowest median): median and interquartile range of those ratios."""
+    best = min(references, key=lambda v: statistics.median(samples[v]))
+    out = {}
+    for variant, times in samples.items():
+        q1, median, q3 = quartiles([t / b for t, b in zip(times, samples[best])])
+        out[variant] = {"latency_s": statistics.median(times), "best_reference": best,
+                        "ratio_to_best": median, "ratio_q1": q1, "ratio_q3": q3}
+    return out
+
+
+def measure_runtime(model, files: dict[str, Path], seq_lens: tuple[int, ...], rounds: int,
+                    min_block_s: float) -> dict[str, Any]:
+    """Per sequence length: each file's max abs error against torch and its latency against the best reference."""
     import torch
 
-    from benchmarks.timing import interleaved
-
     sessions = {variant: _session(path) for variant, path in files.items()}
+    references = [v for v in files if not v.startswith("ns")]
     out: dict[str, Any] = {}
     for seq in seq_lens:
         ids = torch.randint(0, model.config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(seq))
@@ -226,24 +343,16 @@ def measure_runtime(model, files: dict[str, Path], seq_lens: tuple[int, ...], ro
         feeds = {v: _feeds(s, ids.numpy()) for v, s in sessions.items()}
         errors = {v: float(abs(s.run(None, feeds[v])[0] - reference).max()) for v, s in sessions.items()}
         calls = {v: (lambda s=s, f=feeds[v]: s.run(None, f)) for v, s in sessions.items()}
-        timings = interleaved(calls, baseline="ns", rounds=rounds, min_block_s=0.02)
-        out[str(seq)] = {v: {"max_abs_error": errors[v], "latency_s": timings[v].seconds,
-                             "ratio_to_ns": timings[v].ratio} for v in files}
+        timing = ratio_summary(timed_rounds(calls, rounds, min_block_s), references)
+        out[str(seq)] = {v: {"max_abs_error": errors[v], **timing[v], "rounds": rounds} for v in files}
     return out
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def optimum_available() -> str | None:
-    """None when optimum's ONNX exporter imports here (after normsurgeon), else why not."""
-    probe = "import normsurgeon; from optimum.exporters.onnx import main_export"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=_ROOT, capture_output=True, text=True, check=False)
-    return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["?"])[-1]
-
-
-def run(models: tuple[str, ...], size: dict[str, int], seq_lens: tuple[int, ...], rounds: int,
-        reference: str) -> list[dict[str, Any]]:
+def run(models: tuple[str, ...], size: dict[str, int], seq_lens: tuple[int, ...], rounds: int, min_block_s: float,
+        reference: str, optimum: Path | None) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="transformer_onnx_") as tmp:
         for name in models:
@@ -252,35 +361,34 @@ def run(models: tuple[str, ...], size: dict[str, int], seq_lens: tuple[int, ...]
             model = build(name, size)
             model.save_pretrained(folder)
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            files, costs = make_files(name, folder, work, reference)
-            runtime = measure_runtime(model, files, seq_lens, rounds)
-            base = costs.pop("baseline")
+            files, costs = make_files(name, folder, work, reference, optimum)
+            runtime = measure_runtime(model, files, seq_lens, rounds, min_block_s)
             for variant, path in files.items():
                 row = {"model": name, "variant": variant, "params": sum(p.numel() for p in model.parameters()),
                        "weight_bytes": weight_bytes, **op_histogram(path), **costs[variant],
                        "runtime": {seq: r[variant] for seq, r in runtime.items()}}
-                if "peak_rss_bytes" in row:
-                    row["extra_rss_bytes"] = row["peak_rss_bytes"] - base["peak_rss_bytes"]
-                    row["extra_wall_s"] = row["wall_s"] - base["wall_s"]
                 rows.append(row)
                 print(_describe(row), flush=True)
     return rows
 
 
 def _describe(row: dict[str, Any]) -> str:
-    latency = ", ".join(f"seq {s}: {r['latency_s'] * 1e3:.2f} ms (err {r['max_abs_error']:.1e})"
+    latency = ", ".join(f"seq {s}: {r['latency_s'] * 1e3:.2f} ms, {_ratio(r)} (err {r['max_abs_error']:.1e})"
                         for s, r in row["runtime"].items())
     return f"{row['model']} {row['variant']}: {row['nodes']} nodes, {row['wall_s']:.2f} s, {latency}"
+
+
+def _ratio(timing: dict[str, Any]) -> str:
+    return f"{timing['ratio_to_best']:.2f} [{timing['ratio_q1']:.2f}–{timing['ratio_q3']:.2f}]"
 
 
 def table(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> str:
     """A markdown table, one line per model and variant."""
     head = ["model", "variant", "opset", "nodes", "fused ops", "export s (beyond load)", "extra MiB (x weights)",
             "max abs err"]
-    head += [f"ms @{s}" for s in seq_lens] + [f"÷ best optimum @{s}" for s in seq_lens]
+    head += [f"ms @{s}" for s in seq_lens] + [f"÷ best ref @{s} median [IQR]" for s in seq_lens]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        best = {s: _best_reference(rows, row["model"], str(s)) for s in seq_lens}
         extra = (f"{row['extra_rss_bytes'] / 2**20:.0f} ({row['extra_rss_bytes'] / row['weight_bytes']:.1f}x)"
                  if "extra_rss_bytes" in row else "–")
         ops = ", ".join(f"{op} {n}" for op, n in row["ops"].items() if op not in ("MatMul", "Gemm", "Softmax"))
@@ -289,36 +397,29 @@ def table(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> str:
         cells = [row["model"], row["variant"], str(row["opset"]), str(row["nodes"]), ops or "–", seconds, extra,
                  f"{error:.1e}"]
         cells += [f"{row['runtime'][str(s)]['latency_s'] * 1e3:.2f}" for s in seq_lens]
-        cells += [f"{row['runtime'][str(s)]['latency_s'] / best[s]:.2f}" for s in seq_lens]
+        cells += [_ratio(row["runtime"][str(s)]) for s in seq_lens]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _references(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
-    return [r for r in rows if r["model"] == model and not r["variant"].startswith("ns")]
-
-
-def _best_reference(rows: list[dict[str, Any]], model: str, seq: str) -> float:
-    return min(r["runtime"][seq]["latency_s"] for r in _references(rows, model))
-
-
 def goals(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> list[str]:
-    """The issue's benchmark goals, each met or not with the measured gap."""
+    """The issue's benchmark goals, each met or not with the measured gap and its round-to-round spread."""
     verdicts = []
     for model in dict.fromkeys(r["model"] for r in rows):
         by = {r["variant"]: r for r in rows if r["model"] == model}
-        reference = next(r for r in _references(rows, model) if "+trf" not in r["variant"])
+        reference = next(r for v, r in by.items() if not v.startswith("ns") and not v.endswith("+trf"))
         for variant in ("ns", "ns+ort"):
-            ratios = {s: by[variant]["runtime"][str(s)]["latency_s"] / _best_reference(rows, model, str(s))
-                      for s in seq_lens}
-            met = all(x <= 1.0 for x in ratios.values())
+            timings = {s: by[variant]["runtime"][str(s)] for s in seq_lens}
+            met = all(t["ratio_to_best"] <= 1.0 for t in timings.values())
             verdicts.append(f"latency ({'met' if met else 'NOT met'}): {model} {variant} "
-                            + ", ".join(f"seq {s} {x:.2f}x" for s, x in ratios.items()) + " of the best reference")
+                            + ", ".join(f"seq {s} {_ratio(t)}x {t['best_reference']}" for s, t in timings.items())
+                            + " (median [IQR] of per-round ratios)")
         ns = by["ns"]
         memory = ns["extra_rss_bytes"] / ns["weight_bytes"]
         verdicts.append(f"memory ({'met' if memory <= 1 else 'NOT met'}): {model} export extra "
                         f"{ns['extra_rss_bytes'] / 2**20:.0f} MiB = {memory:.1f}x the weight bytes (<= 1); "
-                        f"{reference['variant']} {reference['extra_rss_bytes'] / 2**20:.0f} MiB")
+                        f"{reference['variant']} {reference['extra_rss_bytes'] / 2**20:.0f} MiB = "
+                        f"{reference['extra_rss_bytes'] / reference['weight_bytes']:.1f}x")
         speed = ns["wall_s"] / reference["wall_s"]
         verdicts.append(f"export time ({'met' if speed <= 3 else 'NOT met'}): {model} {ns['wall_s']:.1f} s = "
                         f"{speed:.1f}x {reference['variant']}'s {reference['wall_s']:.1f} s (<= 3); beyond the load "
@@ -326,46 +427,58 @@ def goals(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> list[str]:
     return verdicts
 
 
+def trf_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What the transformer optimizer changed in each file (nodes per op type) and what it complained about."""
+    notes = []
+    for row in rows:
+        if row["variant"].endswith("+trf"):
+            said = "; ".join(dict.fromkeys(row["trf_said"])) or "nothing"
+            changed = ", ".join(f"{op} {n:+d}" for op, n in row["trf_changed"].items()) or "nothing"
+            notes.append(f"{row['model']} {row['variant']}: the optimizer changed {changed}; it said: {said}")
+    return notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=21, help="interleaved latency rounds (median)")
+    parser.add_argument("--rounds", type=int, default=61, help="interleaved latency rounds (median and IQR)")
+    parser.add_argument("--min-block-s", type=float, default=0.05, help="CPU seconds of one timed block")
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, sequence 32, few rounds (smoke run)")
+    parser.add_argument("--optimum-python", help="python of optimum's environment (default $NS_OPTIMUM_PYTHON, "
+                        f"else {DEFAULT_OPTIMUM_PYTHON} if it exists; bash benchmarks/optimum_env.sh makes it)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON results file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        job = json.loads(args.worker)
-        WORKERS[job["variant"]](job["folder"], job["out"])
-        return
-    models, size, seq_lens, rounds = ((("llama",), QUICK_SIZE, (32,), 3) if args.quick
-                                      else (tuple(args.models), SIZE, SEQ_LENS, args.rounds))
-    missing = optimum_available()
+    models, size, seq_lens, rounds, block = ((("llama",), QUICK_SIZE, (32,), 7, 0.01) if args.quick
+                                             else (tuple(args.models), SIZE, SEQ_LENS, args.rounds, args.min_block_s))
+    python = optimum_python(args.optimum_python)
+    missing = optimum_missing(python)
     reference = "optimum" if missing is None else "torch18"
     if missing:
         print(f"optimum cannot run ({missing}): torch.onnx.export(dynamo=True, opset 18) stands in", flush=True)
     start = time.perf_counter()
-    rows = run(models, size, seq_lens, rounds, reference)
+    rows = run(models, size, seq_lens, rounds, block, reference, None if missing else python)
     seconds = time.perf_counter() - start
-    printed, verdicts = table(rows, seq_lens), goals(rows, seq_lens)
-    print(printed + "\n\n" + "\n".join(FAILURES + verdicts))
+    printed = table(rows, seq_lens)
+    if missing:
+        printed = (f"Reference: the STAND-IN torch18 (torch.onnx.export dynamo, opset 18), not optimum: {missing}"
+                   f"\n\n{printed}")
+    else:
+        printed = f"Reference: optimum itself ({python})\n\n{printed}"
+    verdicts, notes = goals(rows, seq_lens), trf_notes(rows)
+    print(printed + "\n\n" + "\n".join(FAILURES + notes + verdicts))
     from benchmarks.timing import environment
 
     env = environment(1)
-    for package in ("optimum", "optimum-onnx"):
-        try:
-            from importlib.metadata import version
-
-            env[package] = version(package)
-        except Exception:  # noqa: BLE001  (PackageNotFoundError)
-            env[package] = None
+    env["optimum_environment"] = None if missing else {"python": str(python), **optimum_versions(python)}
     command = "python -m benchmarks.transformer_onnx " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": command.strip(), "seconds": round(seconds, 1), "size": size,
-                                    "seq_lens": seq_lens, "rounds": rounds, "reference": reference,
-                                    "optimum_missing": missing, "failures": FAILURES,
-                                    "environment": env, "goals": verdicts,
-                                    "rows": rows, "table": printed}, indent=1) + "\n")
+                                    "seq_lens": seq_lens, "rounds": rounds, "min_block_s": block,
+                                    "reference": reference, "optimum_missing": missing,
+                                    "trf_settings": {"opt_level": TRF_OPT_LEVEL, "model_type": TRF_MODEL_TYPE,
+                                                     "as": "optimum-cli onnxruntime optimize -O2"},
+                                    "failures": FAILURES, "trf_notes": notes, "environment": env,
+                                    "goals": verdicts, "rows": rows, "table": printed}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
