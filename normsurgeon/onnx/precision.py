@@ -95,15 +95,28 @@ def add_float32_islands(model: ir.Model, provider: str = "cpu", *, float16: bool
 
 def _grow(model: ir.Model, seeds: Sequence[ir.Node], provider: str, targets: set[ir.DataType]) -> set[ir.Node]:
     """The seeds, and every later node that reads a seed's (or a joined node's) half output and has a float32
-    kernel: data movement between two islands then computes in float32 too, instead of a Cast pair."""
+    kernel: data movement between two islands then computes in float32 too, instead of a Cast pair.
+
+    A value of unknown dtype (the sum output of a fused com.microsoft Skip*LayerNormalization, which the
+    rewrite leaves untyped) gets no Cast, so its reader computes on the side of its producer: it joins when
+    the producer is in the island, and stays out when the producer is not."""
     island = set(seeds)
     for node in model.graph:  # topological order: a chain joins link by link
         if node in island or node.op_type in _KEEP_DTYPE:
             continue
-        reads_island = any(v is not None and v.dtype in targets and v.producer() in island for v in node.inputs)
+        untyped = _untyped_producers_inside(node, island)
+        if False in untyped:
+            continue
+        reads_island = True in untyped or any(v is not None and v.dtype in targets and v.producer() in island
+                                              for v in node.inputs)
         if reads_island and _has_kernel(model, node, provider, as_float32=targets):
             island.add(node)
     return {node for node in island if _has_kernel(model, node, provider, as_float32=targets)}
+
+
+def _untyped_producers_inside(node: ir.Node, island: set[ir.Node]) -> set[bool]:
+    """For each input of unknown dtype made by a node: whether that node is in the island."""
+    return {v.producer() in island for v in node.inputs if v is not None and v.dtype is None and v.producer()}
 
 
 def _rewrite(graph: ir.Graph, island: set[ir.Node], targets: set[ir.DataType]) -> int:
