@@ -193,7 +193,7 @@ def test_export_onnx_for_onnxruntimes_fused_ops_verifies_in_half_precision(name:
 
     assert_passed_at_default_tolerance(report, dtype)
     assert any("Skip" in change.detail for change in report.changes), report.changes
-    assert_islands_noted(report, name, dtype, islands=None)
+    assert_islands_noted(report, name, dtype)  # the fused ops' outputs are typed: no seam at a Skip op
 
 
 # --------------------------------------------------------------------------- export_with_past
@@ -224,16 +224,15 @@ def test_export_with_past_verifies_every_decode_step_in_half_precision(name: str
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_export_with_past_for_onnxruntimes_fused_ops_verifies_in_bfloat16(name: str, tmp_path: Path) -> None:
-    """target="ort": Skip(Simplified)LayerNormalization among the islands, its sum output left untyped by the
-    fusion. GPT-2's failed to load ("SkipLayerNormalization bound to different types": its reader joined an
-    island its producer was not in) before untyped values were read on their producer's side."""
+    """target="ort": Skip(Simplified)LayerNormalization among the islands. GPT-2's failed to load ("SkipLayerNormalization bound to different types": its reader joined an
+    island its producer was not in) while the fusion left the sum output untyped."""
     report = export_with_past(causal_lm(name).to(torch.bfloat16), tmp_path / f"{name}.onnx", target="ort")
 
     assert_passed_at_default_tolerance(report, "bfloat16")
     assert len(report.checks) == 8
     assert any(change.detail.endswith("SkipLayerNormalization" if name == "gpt2" else
                                       "SkipSimplifiedLayerNormalization") for change in report.changes)
-    assert_islands_noted(report, name, "bfloat16", islands=None)
+    assert_islands_noted(report, name, "bfloat16")
 
 
 @pytest.mark.slow

@@ -108,6 +108,8 @@ class FuseSkipNorm(pattern.RewriteRuleClassBase):
         fused = SKIP_OPS[self.norm]
         outputs = getattr(op, fused)(*inputs, epsilon=attr_float(node, "epsilon", 1e-5), _domain=ORT_DOMAIN,
                                      _outputs=4, _name=f"{add.name}/{fused}")
+        for output, like in ((outputs[0], normed), (outputs[3], summed)):  # typed, for passes run after this one
+            output.dtype, output.shape = like.dtype, like.shape
         new = outputs[0].producer()
         new.metadata_props[_SUM_LINK] = summed.name
         for change in records(node):  # the norm's own fusion now ends in this node
