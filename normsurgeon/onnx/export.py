@@ -146,16 +146,11 @@ def export_onnx(
             work = None  # the copy and the exported program go before onnxruntime loads the file
             gc.collect()
             tmp = named_temp(tmp)  # onnxruntime maps the weights in place from a file with a name in a directory
-            try:
+            with unloadable_as_export_error():
                 verified = verify_onnx(
                     model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,
                     extra_inputs=verification_inputs(plain, kept), axes=kept,
                 )
-            except LoadError as exc:
-                raise ExportError(
-                    f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another --opset "
-                    f"(default {DEFAULT_OPSET}) or export the model in float32"
-                ) from exc
             _merge(report, verified)
             report.facts["providers"] = verified.facts["providers"]
             report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
@@ -238,6 +233,16 @@ def describe_model(model: ir.Model) -> dict:
         for value in model.graph.inputs
     }
     return {"opset": opset, "op_histogram": op_histogram(model), "graph_inputs": inputs}
+
+
+@contextlib.contextmanager
+def unloadable_as_export_error() -> Iterator[None]:
+    """onnxruntime refusing the exported file (a LoadError while verifying) as the ExportError the user sees."""
+    try:
+        yield
+    except LoadError as exc:
+        raise ExportError(f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another --opset "
+                          f"(default {DEFAULT_OPSET}) or export the model in float32") from exc
 
 
 def _merge(report: Report, other: Report) -> None:

@@ -35,20 +35,20 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs
-from ..errors import ExportError, LoadError
+from ..errors import ExportError
 from ..inputs import ExampleInputs, forward_parameters
 from ..report import Check, Report
 from ..surgery import eval_mode
 from . import runtime
 from .export import (
     DEFAULT_OPSET,
-    cause_line,
     describe_export_failure,
     expand_rotary_caches,
     finish_and_save,
     math_attention,
     pre_export,
     quiet,
+    unloadable_as_export_error,
     write_with_data_cleanup,
 )
 from .precision import run_torch
@@ -185,12 +185,9 @@ def export_with_past(
                                              for v in program.model.graph.outputs}
             del program
             work = None
-            try:
+            with unloadable_as_export_error():
                 verified = verify_with_past(model, tmp, layout, providers=providers, atol=atol, rtol=rtol,
                                             decode_steps=decode_steps)
-            except LoadError as exc:
-                raise ExportError(f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another "
-                                  f"--opset (default {DEFAULT_OPSET})") from exc
             report.checks.extend(verified.checks)
             report.notes.extend(verified.notes)
             report.facts.update(verified.facts)

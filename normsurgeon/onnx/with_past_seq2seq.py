@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..check import compare_outputs
-from ..errors import ExportError, LoadError, OutputError
+from ..errors import ExportError, OutputError
 from ..inputs import ExampleInputs, forward_parameters
 from ..io.pretrained_output import put_in_place
 from ..report import Check, Report
@@ -56,12 +56,12 @@ from ..surgery import eval_mode
 from . import runtime
 from .export import (
     DEFAULT_OPSET,
-    cause_line,
     describe_export_failure,
     finish_and_save,
     math_attention,
     pre_export,
     quiet,
+    unloadable_as_export_error,
 )
 from .with_past import DECODE_STEPS, returned_cache
 
@@ -236,12 +236,9 @@ def export_seq2seq_with_past(
                         for name, part in parts}
             report.facts.update(_gather_facts(per_file))
             del parts, work
-            try:
+            with unloadable_as_export_error():
                 verified = verify_seq2seq(model, staging, layout, providers=providers, atol=atol, rtol=rtol,
                                           decode_steps=decode_steps)
-            except LoadError as exc:
-                raise ExportError(f"onnxruntime cannot load the exported model ({cause_line(exc)}); try another "
-                                  f"--opset (default {DEFAULT_OPSET})") from exc
             report.checks.extend(verified.checks)
             report.notes.extend(verified.notes)
             report.facts.update(verified.facts)
