@@ -205,4 +205,5 @@ target_option = click.option(
     help="portable: standard ONNX ops only, for any runtime. ort: also onnxruntime's fused norm ops "
          "(SimplifiedLayerNormalization below opset 23, LayerNormalization below 17, and each residual "
          "Add + norm as com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization: for CUDA). "
-         "ort-cpu: the fused norms without the Skip pairs, which onnxruntime's CPU kernels run 2-6x slower.")
+         "ort-cpu: the fused norms without the Skip pairs, which onnxruntime's CPU kernels run 2-6x slower "
+         "(a residual Add read by a norm alone is written as Sum, which onnxruntime's own fusion leaves).")

@@ -58,6 +58,7 @@ from .rules.ort_fusions import (
     omit_unread_outputs,
     ort_norm_fusions,
     share_skip_sums,
+    shield_residual_adds,
     describe_skip_pair,
 )
 
@@ -71,7 +72,7 @@ class Target(enum.Enum):
 
     PORTABLE = "portable"  # standard ai.onnx ops only: any runtime
     ORT = "ort"  # also onnxruntime's fused norm ops (SimplifiedLayerNormalization, Skip*LayerNormalization)
-    ORT_CPU = "ort-cpu"  # onnxruntime's fused norm ops, residual Adds left: its CPU Skip kernels are slower
+    ORT_CPU = "ort-cpu"  # onnxruntime's fused norm ops, residual Adds left (and shielded from its own Skip fusion)
 
     @property
     def onnxruntime_ops(self) -> bool:
@@ -159,6 +160,8 @@ def optimize_model(model: ir.Model, *, target: Target = Target.PORTABLE) -> tupl
     cleanup(model)
     if target.skip_pairs:
         omit_unread_outputs(model.graph)
+    elif target.onnxruntime_ops:
+        shield_residual_adds(model.graph)
     return take_changes(model.graph), skipped
 
 

@@ -248,3 +248,30 @@ def describe_skip_pair(node: ir.Node) -> str | None:
     if node.op_type not in SKIP_OPS or producer is None or producer.op_type != "Add":
         return None
     return f"{describe(producer)} + {describe(node)} not fused into {SKIP_OPS[node.op_type]}"
+
+
+SHIELDED_NORMS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"})
+"""The norms onnxruntime's own session-time SkipLayerNormFusion pairs with an Add feeding them."""
+
+
+def shield_residual_adds(graph: ir.Graph) -> None:
+    """Write each float32 ``Add`` whose only reader is a LayerNorm (or SimplifiedLayerNormalization) as the
+    equivalent two-input ``Sum``, for ``--target ort-cpu``.
+
+    onnxruntime fuses such a pair into SkipLayerNormalization itself when it builds a session (post-norm models
+    like BERT, where the residual sum has no other reader), and its CPU Skip kernels take 2-6x the time of
+    Add + norm (benchmarks/skip_kernels.py): a tiny BERT ran 1.10x optimum's file, 0.99x with the Sums, which its
+    fusion does not match. ``Sum`` broadcasts as ``Add`` does; the values are the same.
+    """
+    for node in graph:
+        if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if out.dtype != ir.DataType.FLOAT or out.is_graph_output() or len(uses) != 1:
+            continue
+        reader, index = uses[0].node, uses[0].idx
+        if reader.op_type in SHIELDED_NORMS and index == 0:
+            node.op_type = "Sum"
+            record(node, Change("replaced", node.name, node.name,
+                                f"Add → Sum before {reader.op_type} (onnxruntime's CPU Skip fusion left out)"))
