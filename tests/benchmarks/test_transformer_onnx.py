@@ -32,7 +32,7 @@ def test_quick_run_exports_the_tiny_llama_five_ways_within_fp32_rounding(quick: 
     rows = {row["variant"]: row for row in quick["rows"]}
     reference = quick["reference"]
     trf_failed = [f for f in quick["failures"] if "ns+trf" in f]
-    expected = {"ns", "ns+ort", reference, f"{reference}+trf"} | (set() if trf_failed else {"ns+trf"})
+    expected = {"ns", "ns+ort", "ns+ort-cpu", reference, f"{reference}+trf"} | (set() if trf_failed else {"ns+trf"})
     assert set(rows) == expected
     for row in rows.values():
         timing = row["runtime"]["32"]
@@ -42,11 +42,13 @@ def test_quick_run_exports_the_tiny_llama_five_ways_within_fp32_rounding(quick: 
     # 2 layers: 2 x 2 norms + the final one; --target ort pairs the 4 that follow a residual Add
     assert rows["ns"]["ops"]["RMSNormalization"] == 5 and rows["ns"]["opset"] == 23
     assert rows["ns+ort"]["ops"]["SkipSimplifiedLayerNormalization"] == 4
+    assert rows["ns+ort-cpu"]["ops"]["RMSNormalization"] == 5
+    assert "SkipSimplifiedLayerNormalization" not in rows["ns+ort-cpu"]["ops"]
     # measured inside the export process, from the loaded model on: never 0, never more than the whole peak
     for variant in ("ns", reference):
         assert 0 < rows[variant]["extra_rss_bytes"] < rows[variant]["peak_rss_bytes"]
         assert 0 < rows[variant]["extra_wall_s"] < rows[variant]["wall_s"]
-    assert len(quick["goals"]) == 4
+    assert len(quick["goals"]) == 5  # latency of ns, ns+ort, ns+ort-cpu; memory; export time
     assert quick["table"].startswith("Reference: optimum itself" if reference == "optimum" else
                                      "Reference: the STAND-IN torch18")
 
