@@ -151,7 +151,7 @@ def export_onnx(
                     model, tmp, inputs, providers=providers, atol=atol, rtol=rtol,
                     extra_inputs=verification_inputs(plain, kept), axes=kept,
                 )
-            _merge(report, verified)
+            merge_reports(report, verified)
             report.facts["providers"] = verified.facts["providers"]
             report.facts["batch_sizes_verified"] = verified.facts["batch_sizes_verified"]
             if axes:
@@ -170,10 +170,10 @@ def pre_export(model: nn.Module, inputs: ExampleInputs, fold: bool, atol: float 
     BatchNorm, no weight norm), else a copy they changed (and checked)."""
     unchanged = plan_only(pre_export_passes(fold=fold), model, inputs)
     if unchanged is not None:
-        _merge(report, unchanged)
+        merge_reports(report, unchanged)
         return model
     work = copy_model(model).eval()
-    _merge(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
+    merge_reports(report, run(pre_export_passes(fold=fold), work, inputs, atol=atol, rtol=rtol))
     return work
 
 
@@ -245,7 +245,8 @@ def unloadable_as_export_error() -> Iterator[None]:
                           f"(default {DEFAULT_OPSET}) or export the model in float32") from exc
 
 
-def _merge(report: Report, other: Report) -> None:
+def merge_reports(report: Report, other: Report) -> None:
+    """``other``'s changes, skips, checks and notes appended to ``report`` (its facts are the caller's to pick)."""
     report.changes.extend(other.changes)
     report.skipped.extend(other.skipped)
     report.checks.extend(other.checks)

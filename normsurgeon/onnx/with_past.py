@@ -46,6 +46,7 @@ from .export import (
     expand_rotary_caches,
     finish_and_save,
     math_attention,
+    merge_reports,
     pre_export,
     quiet,
     unloadable_as_export_error,
@@ -188,8 +189,7 @@ def export_with_past(
             with unloadable_as_export_error():
                 verified = verify_with_past(model, tmp, layout, providers=providers, atol=atol, rtol=rtol,
                                             decode_steps=decode_steps)
-            report.checks.extend(verified.checks)
-            report.notes.extend(verified.notes)
+            merge_reports(report, verified)
             report.facts.update(verified.facts)
 
         write_with_data_cleanup(path, write, force=force, protect=protect)

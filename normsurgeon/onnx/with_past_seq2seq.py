@@ -59,6 +59,7 @@ from .export import (
     describe_export_failure,
     finish_and_save,
     math_attention,
+    merge_reports,
     pre_export,
     quiet,
     unloadable_as_export_error,
@@ -239,8 +240,7 @@ def export_seq2seq_with_past(
             with unloadable_as_export_error():
                 verified = verify_seq2seq(model, staging, layout, providers=providers, atol=atol, rtol=rtol,
                                           decode_steps=decode_steps)
-            report.checks.extend(verified.checks)
-            report.notes.extend(verified.notes)
+            merge_reports(report, verified)
             report.facts.update(verified.facts)
             check_folder_target(folder, force=force, protect=protect)  # again: nothing may have appeared meanwhile
             put_in_place(staging, folder)
