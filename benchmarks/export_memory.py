@@ -14,9 +14,13 @@ folder in a process of its own, once per dtype. Then, per repetition, each in a 
   imported too: how much of *beyond* is code, whatever the model's size.
 
 *Beyond* is the export's peak minus the loaded model's, reported in bytes and as a multiple of the weight bytes
-(median of ``--reps``). ``--steps`` adds one more export in an instrumented process that reads ``VmRSS``/``VmHWM``
-(high-water mark reset through ``/proc/self/clear_refs``) around each step: pre-export passes, torch.onnx.export,
-fuse + save, the onnxruntime session, the torch reference, the comparison.
+(median of ``--reps``). Twice: for the whole resident set, and for its anonymous part (``RssAnon``, sampled every
+5 ms by the parent: the kernel keeps no high-water mark for it). The resident set counts the file pages a process
+maps: the safetensors checkpoint torch reads, the .onnx onnxruntime reads its weights from; the kernel can drop
+and reread those, so the anonymous part is what the export itself holds. ``--steps`` adds one more export in an
+instrumented process that reads ``VmRSS``/``RssAnon``/``RssFile``/``VmHWM`` (high-water mark reset through
+``/proc/self/clear_refs``) around each step: pre-export passes, torch.onnx.export, fuse + save, the onnxruntime
+session, the comparison.
 
     python -m benchmarks.export_memory                 # float32, 3 reps, with --steps (~3 min on 2 cores)
     python -m benchmarks.export_memory --dtypes float32 bfloat16
@@ -32,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -103,16 +108,14 @@ def steps(folder: Path, out: Path) -> list[dict[str, Any]]:
             try:
                 return inner(*args, **kwargs)
             finally:
-                rows.append({"step": label, "rss_before_bytes": before * 1024,
-                             "rss_after_bytes": _status_kib("VmRSS") * 1024, "peak_bytes": _status_kib("VmHWM") * 1024})
+                rows.append({"step": label, "rss_before_bytes": before * 1024, **_after()})
 
         setattr(owner, name, call)
 
     start = _reset_and_read()
     model = load_model(folder).model
     inputs = resolve_inputs(model, input_shapes=(), inputs_file=None, trust_pickle=False)
-    rows.append({"step": "load", "rss_before_bytes": start * 1024, "rss_after_bytes": _status_kib("VmRSS") * 1024,
-                 "peak_bytes": _status_kib("VmHWM") * 1024})
+    rows.append({"step": "load", "rss_before_bytes": start * 1024, **_after()})
     for owner, name, label in ((export, "pre_export", "pre-export passes (a forward)"),
                                (torch.onnx, "export", "torch.onnx.export"),
                                (export, "finish_and_save", "fuse + save"),
@@ -124,12 +127,18 @@ def steps(folder: Path, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
+def _status_kib(field: str, path: str = "/proc/self/status") -> int:
+    with open(path) as status:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _after() -> dict[str, int]:
+    """The resident set now, its anonymous and file-backed parts, and its high-water mark, in bytes."""
+    return {"rss_after_bytes": _status_kib("VmRSS") * 1024, "anon_after_bytes": _status_kib("RssAnon") * 1024,
+            "file_after_bytes": _status_kib("RssFile") * 1024, "peak_bytes": _status_kib("VmHWM") * 1024}
 
 
 def _reset_and_read() -> int:
@@ -142,18 +151,22 @@ def _reset_and_read() -> int:
 # --------------------------------------------------------------------------- in the parent
 
 
-def _python(args: list[str], *, timeout: float) -> tuple[str, int, float, int]:
-    """Run ``python args`` from the repository root: (stdout, peak RSS bytes, wall seconds, return code)."""
+def _python(args: list[str], *, timeout: float) -> tuple[str, dict[str, int], float, int]:
+    """Run ``python args`` from the repository root: (stdout, peaks, wall seconds, return code). ``peaks``: the
+    peak resident set (``ru_maxrss``) and the peak anonymous part of it (``RssAnon``, sampled every few ms)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
     env["PYTHONWARNINGS"] = "ignore"
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         start = time.perf_counter()
         process = subprocess.Popen([sys.executable, *args], cwd=_ROOT, env=env, stdout=stdout, stderr=stderr)
+        anon = _AnonSampler(process.pid)
         try:
             _, status, usage = os.wait4(process.pid, 0)
         except BaseException:
             process.kill()
             raise
+        finally:
+            anon.stop()
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0)
@@ -163,7 +176,33 @@ def _python(args: list[str], *, timeout: float) -> tuple[str, int, float, int]:
         raise RuntimeError(f"{args[:3]} took {wall:.0f} s, over {timeout:.0f} s")
     if process.returncode != 0 and args[:2] != ["-m", "normsurgeon"]:
         raise RuntimeError(f"worker {args[:4]} failed ({process.returncode}): {err[-2000:]}")
-    return out, usage.ru_maxrss * 1024, wall, process.returncode
+    return out, {"rss": usage.ru_maxrss * 1024, "anon": anon.peak_kib * 1024}, wall, process.returncode
+
+
+class _AnonSampler:
+    """The peak ``RssAnon`` of a running process, read from ``/proc/PID/status`` every ``interval`` seconds.
+
+    The kernel keeps a high-water mark for the whole resident set only; that one counts the file pages a process
+    maps (a safetensors checkpoint, the .onnx onnxruntime maps), which the kernel can drop and reread. The
+    anonymous part is the memory the export itself holds."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.peak_kib = 0
+        self._status = f"/proc/{pid}/status"
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._done.wait(interval):
+            try:
+                self.peak_kib = max(self.peak_kib, _status_kib("RssAnon", self._status))
+            except (OSError, RuntimeError, ValueError):  # the process has exited
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def _worker(job: dict[str, Any], *, timeout: float) -> Any:
@@ -178,7 +217,7 @@ def measure(dtype: str, config: dict[str, Any], *, reps: int, with_steps: bool, 
     folder = work / f"llama-{dtype}"
     size, _, _ = _worker({"do": "build", "folder": str(folder), "config": config, "dtype": dtype}, timeout=timeout)
     row: dict[str, Any] = {"dtype": dtype, **size, "config": config}
-    peaks: dict[str, list[int]] = {"export": [], "loaded": [], "forward": [], "imports": []}
+    peaks: dict[str, list[dict[str, int]]] = {"export": [], "loaded": [], "forward": [], "imports": []}
     walls: list[float] = []
     for _ in range(reps):
         for kind in ("loaded", "forward", "imports"):
@@ -194,14 +233,16 @@ def measure(dtype: str, config: dict[str, Any], *, reps: int, with_steps: bool, 
         walls.append(round(wall, 2))
         out.unlink()
     for kind, values in peaks.items():
-        row[f"{kind}_peak_bytes_all"] = values
-        row[f"{kind}_peak_bytes"] = int(statistics.median(values))
+        for measure_, suffix in (("rss", ""), ("anon", "_anon")):
+            row[f"{kind}_peak{suffix}_bytes_all"] = [value[measure_] for value in values]
+            row[f"{kind}_peak{suffix}_bytes"] = int(statistics.median(value[measure_] for value in values))
     row["export_wall_s_all"] = walls
     row["export_wall_s"] = statistics.median(walls)
     for baseline in ("loaded", "forward", "imports"):
-        beyond = row["export_peak_bytes"] - row[f"{baseline}_peak_bytes"]
-        row[f"beyond_{baseline}_bytes"] = beyond
-        row[f"beyond_{baseline}_x_weights"] = round(beyond / row["weight_bytes"], 3)
+        for suffix in ("", "_anon"):
+            beyond = row[f"export_peak{suffix}_bytes"] - row[f"{baseline}_peak{suffix}_bytes"]
+            row[f"beyond_{baseline}{suffix}_bytes"] = beyond
+            row[f"beyond_{baseline}{suffix}_x_weights"] = round(beyond / row["weight_bytes"], 3)
     if with_steps:
         row["steps"], _, _ = _worker({"do": "steps", "folder": str(folder), "out": str(work / "steps.onnx")},
                                      timeout=timeout)
@@ -219,11 +260,15 @@ def describe(row: dict[str, Any]) -> str:
         f"the weights (beyond one forward: {row['beyond_forward_bytes'] / mib:.0f} MiB = "
         f"{row['beyond_forward_x_weights']:.2f}x); of it, importing the ONNX stack: "
         f"{(row['imports_peak_bytes'] - row['loaded_peak_bytes']) / mib:.0f} MiB",
+        f"  anonymous memory (RssAnon, sampled): export peak {row['export_peak_anon_bytes'] / mib:.0f} MiB, loaded "
+        f"model {row['loaded_peak_anon_bytes'] / mib:.0f} MiB; beyond: {row['beyond_loaded_anon_bytes'] / mib:.0f} MiB "
+        f"= {row['beyond_loaded_anon_x_weights']:.2f}x the weights",
     ]
     for step in row.get("steps", []):
         if "peak_bytes" in step:
             lines.append(f"    {step['step']:30s} RSS {step['rss_before_bytes'] / mib:6.0f} -> "
-                         f"{step['rss_after_bytes'] / mib:6.0f} MiB, peak {step['peak_bytes'] / mib:6.0f} MiB")
+                         f"{step['rss_after_bytes'] / mib:6.0f} MiB (anonymous {step['anon_after_bytes'] / mib:6.0f}, "
+                         f"file {step['file_after_bytes'] / mib:6.0f}), peak {step['peak_bytes'] / mib:6.0f} MiB")
     return "\n".join(lines)
 
 

@@ -24,7 +24,11 @@ def test_quick_run_measures_the_export_against_the_loaded_model(tmp_path: Path) 
     assert row["dtype"] == "float32" and row["weight_bytes"] == 4 * row["parameters"] > 0
     for kind in ("export", "loaded", "forward", "imports"):
         assert len(row[f"{kind}_peak_bytes_all"]) == 1 and row[f"{kind}_peak_bytes"] > 0
+        assert 0 < row[f"{kind}_peak_anon_bytes"] <= row[f"{kind}_peak_bytes"]  # a part of the resident set
     assert row["beyond_loaded_bytes"] == row["export_peak_bytes"] - row["loaded_peak_bytes"]
+    assert row["beyond_loaded_anon_bytes"] == row["export_peak_anon_bytes"] - row["loaded_peak_anon_bytes"]
+    assert all(step["anon_after_bytes"] + step["file_after_bytes"] <= step["rss_after_bytes"] + 2**20
+               for step in row["steps"] if "peak_bytes" in step)
     steps = [step["step"] for step in row["steps"]]
     assert steps == ["load", "pre-export passes (a forward)", "torch.onnx.export", "fuse + save",
                      "onnxruntime session", "comparison", "passed"]
