@@ -10,15 +10,16 @@ ordinary single-file .onnx. Peak memory: the largest tensor, twice.
 
 :func:`weights_in_place` is the reverse: the file's protobuf structure walked field by field (raw bytes skipped,
 never read) into a small model whose large initializers refer to their own bytes inside the file as external data.
-onnxruntime memory-maps external data (on CPU it then prepacks the MatMul weights and unmaps them), so a session
-made from it holds the weights once, without the copy of every inline tensor that parsing the whole file makes.
+onnxruntime memory-maps external data (and a verification session, :func:`~normsurgeon.onnx.runtime.session`,
+does not prepack it), so a session made from it holds the weights once, without the copy of every inline tensor
+that parsing the whole file makes.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -95,15 +96,14 @@ def weights_in_place(path: Path, *, location: str, min_bytes: int = IN_PLACE_MIN
     turned into external data at its own offset in the file, named ``location`` (``path``'s name, for a session
     whose external-data folder is ``path``'s). Nothing else changes; the raw bytes are never read. A file that is
     not protobuf raises ValueError."""
-    out = io.BytesIO()
     with open(path, "rb") as file:
-        for field in _fields(file, file.seek(0, io.SEEK_END), start=0):
-            if field.number == _MODEL_GRAPH and field.value is not None:
-                graph = _graph_in_place(file, field.value, location, min_bytes)
-                out.write(_tag(_MODEL_GRAPH) + _varint(len(graph)) + graph)
-            else:
-                out.write(field.read(file))
-    return out.getvalue()
+        def tensor(span: tuple[int, int]) -> bytes:
+            return _tensor_in_place(file, span, location, min_bytes)
+
+        def graph(span: tuple[int, int]) -> bytes:
+            return _rewrite_fields(file, span, _GRAPH_INITIALIZER, tensor)
+
+        return _rewrite_fields(file, (0, file.seek(0, io.SEEK_END)), _MODEL_GRAPH, graph)
 
 
 @dataclass(frozen=True)
@@ -146,14 +146,16 @@ def _fields(file: BinaryIO, stop: int, *, start: int) -> Iterator[_Field]:
         yield field
 
 
-def _graph_in_place(file: BinaryIO, graph: tuple[int, int], location: str, min_bytes: int) -> bytes:
-    """A GraphProto's bytes with its large initializers' raw_data replaced by references into the file."""
+def _rewrite_fields(file: BinaryIO, message: tuple[int, int], number: int,
+                    rewrite: Callable[[tuple[int, int]], bytes]) -> bytes:
+    """The bytes of the message at ``message`` (offset, length) with each length-delimited field ``number``
+    replaced by ``rewrite`` of its payload's span; every other field copied as it is."""
     out = io.BytesIO()
-    offset, length = graph
+    offset, length = message
     for field in _fields(file, offset + length, start=offset):
-        if field.number == _GRAPH_INITIALIZER and field.value is not None:
-            tensor = _tensor_in_place(file, field.value, location, min_bytes)
-            out.write(_tag(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor)
+        if field.number == number and field.value is not None:
+            payload = rewrite(field.value)
+            out.write(_tag(number) + _varint(len(payload)) + payload)
         else:
             out.write(field.read(file))
     return out.getvalue()
