@@ -147,11 +147,25 @@ def rounding_noise(model: torch.nn.Module, example_inputs: InputsLike, outputs: 
     floats = [t for _, t in flatten_outputs(outputs) if t.is_floating_point()]
     if not floats or all(t.dtype == torch.float64 for t in floats):
         return None
+    return noise_between(outputs, in_float64(lambda: call_model(model, example_inputs)))
+
+
+def in_float64(run: Callable[[], Any]) -> Any:
+    """``run()`` under :class:`Float64Mode` and ``no_grad``; None when one of its ops cannot take float64 (or
+    bypasses torch functions): the noise is then unknown."""
     try:
         with torch.no_grad(), Float64Mode():
-            exact = dict(flatten_outputs(call_model(model, example_inputs)))
-    except Exception:  # an op that cannot take float64 (or bypasses torch functions): noise unknown
+            return run()
+    except Exception:  # the model's own error type, whatever it is
         return None
+
+
+def noise_between(outputs: Any, exact: Any) -> float | None:
+    """The largest difference between the float outputs and the same outputs run in float64 (``exact``,
+    flattened alike); None when ``exact`` is None or has none of them."""
+    if exact is None:
+        return None
+    exact = dict(flatten_outputs(exact))
     diffs = [_max_abs_difference(t, exact[name]) for name, t in flatten_outputs(outputs)
              if t.is_floating_point() and name in exact and t.numel() and exact[name].shape == t.shape]
     return max(diffs, default=None)

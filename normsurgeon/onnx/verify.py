@@ -231,6 +231,34 @@ def _compare(
         diffs = tuple(_diff_one(name, ref, array, atol, rtol) for (name, ref), array in zip(named, outputs))
         return Check(diffs, atol=atol, rtol=rtol, label=label)
 
+    return _judged(judge, atol, label, noise)
+
+
+def compare_named(
+    reference: dict[str, torch.Tensor],
+    produced: dict[str, torch.Tensor],
+    label: str,
+    atol: float | None,
+    rtol: float | None,
+    *,
+    noise: Callable[[], float | None] | None = None,
+) -> tuple[Check, str | None]:
+    """The check of onnxruntime's outputs against torch's ``reference``, matched by name, judged as
+    :func:`verify_onnx` judges: a failure within ``noise`` (the torch model's rounding noise on these inputs;
+    None when the caller chose the tolerances) passes with the note returned beside it."""
+
+    def judge(atol: float | None, label: str) -> Check:
+        check = compare_outputs(reference, {n: produced[n] for n in reference if n in produced}, atol=atol,
+                                rtol=rtol, label=label, prefix="")
+        return dataclasses.replace(check, outputs=tuple(dataclasses.replace(o, name=o.name.lstrip("."))
+                                                        for o in check.outputs))
+
+    return _judged(judge, atol, label, noise)
+
+
+def _judged(judge: Callable[[float | None, str], Check], atol: float | None, label: str,
+            noise: Callable[[], float | None] | None) -> tuple[Check, str | None]:
+    """``judge(atol, label)``, redone within the rounding noise when it fails numerically and ``noise`` is given."""
     check = judge(atol, label)
     if check.passed or noise is None or not math.isfinite(check.max_abs_diff):
         return check, None

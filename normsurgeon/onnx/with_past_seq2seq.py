@@ -35,6 +35,7 @@ three files generates the tokens ``generate(do_sample=False)`` does. Float16 and
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -47,7 +48,6 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from ..check import compare_outputs
 from ..errors import ExportError, OutputError
 from ..inputs import ExampleInputs, forward_parameters
 from ..io.pretrained_output import put_in_place
@@ -64,7 +64,8 @@ from .export import (
     quiet,
     unloadable_as_export_error,
 )
-from .with_past import DECODE_STEPS, returned_cache
+from .verify import compare_named
+from .with_past import DECODE_STEPS, TorchLoop, TorchStep, returned_cache
 
 ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE = "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"
 FILES = (ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE)
@@ -418,37 +419,44 @@ def verify_seq2seq(
 
     Both decoders run on torch's encoder output and the same tokens (torch's greedy choice); onnxruntime's
     with-past decoder is fed its own presents. Checks are labelled "onnxruntime cpu vs torch (encoder_model,
-    batch 2, sequence 8)", "(decoder_model, batch 2, sequence 1)", "(decode step 2, batch 2, past 2)".
+    batch 2, sequence 8)", "(decoder_model, batch 2, sequence 1)", "(decode step 2, batch 2, past 2)". Under
+    the default tolerances a check that fails within the model's own rounding noise (torch's loop replayed in
+    float64 on the same tokens) passes with a note, as :func:`~normsurgeon.onnx.verify.verify_onnx` judges.
     """
     folder = Path(folder)
     report = Report("verify")
     chosen, skipped = runtime.resolve_providers(providers)
     report.notes.extend(skipped)
+    judge_noise = atol is None and rtol is None
     with eval_mode(model):
+        loops = [TorchLoop(functools.partial(_torch_steps, model, layout, batch, decode_steps))
+                 for batch in batch_sizes]
         for provider in chosen:
             sessions = [runtime.session(folder / name, provider) for name in FILES]
-            for batch in batch_sizes:
-                report.checks.extend(_loop_checks(model, sessions, layout, batch, provider, decode_steps, atol, rtol))
+            for loop in loops:
+                for check, note in _loop_checks(loop, sessions, provider, atol, rtol, judge_noise):
+                    report.checks.append(check)
+                    report.notes.extend([note] if note else [])
     report.facts["providers"] = list(chosen)
     report.facts["batch_sizes_verified"] = sorted(batch_sizes)
     report.facts["decode_steps_verified"] = decode_steps
     return report
 
 
-def _loop_checks(model: nn.Module, sessions: list, layout: Seq2SeqLayout, batch: int, provider: str, steps: int,
-                 atol: float | None, rtol: float | None) -> list[Check]:
-    encoder, decoder, with_past = sessions
+def _torch_steps(model: nn.Module, layout: Seq2SeqLayout, batch: int, steps: int,
+                 tokens: Sequence[torch.Tensor] | None = None) -> list[TorchStep]:
+    """The encoder, the first decoder step and ``steps`` decode steps, each on the token chosen greedily (or the
+    given ``tokens``); the steps' sessions index :data:`FILES`."""
     feeds = _encoder_feeds(layout.audio, layout.features, batch, layout.vocab, dtype=layout.dtype)
     length = next(iter(feeds.values())).shape[-1]
     with torch.no_grad():
         hidden = _torch_encoder(model, feeds)
-    where = f"encoder_model, batch {batch}, sequence {length}"
-    checks = [_compare(encoder, feeds, {"last_hidden_state": hidden}, where, provider, atol, rtol)[0]]
+    loop = [TorchStep(f"encoder_model, batch {batch}, sequence {length}", feeds, {"last_hidden_state": hidden},
+                      tokens=None, session=0)]
     mask = feeds.get("attention_mask")
     masks = {} if mask is None else {"encoder_attention_mask": mask}
     ids = torch.full((batch, 1), layout.start_token)
     cache = _empty_cache(model)
-    past: dict[str, torch.Tensor] = {}
     for step in range(steps + 1):
         with torch.no_grad():
             out = _torch_decoder(model, ids, hidden, mask, cache)
@@ -456,31 +464,36 @@ def _loop_checks(model: nn.Module, sessions: list, layout: Seq2SeqLayout, batch:
         first = step == 0
         names = layout.decoder_outputs(with_past=not first)
         reference = dict(zip(names, (out.logits, *flat_presents(cache, cross=first))))
-        inputs = {"input_ids": ids, **masks, **({"encoder_hidden_states": hidden} if first else past)}
         where = f"decoder_model, batch {batch}, sequence 1" if first else \
             f"decode step {step}, batch {batch}, past {step}"
-        check, produced = _compare(decoder if first else with_past, inputs, reference, where, provider,
-                                            atol, rtol)
-        checks.append(check)
-        past = {**past, **{name.replace("present", "past_key_values", 1): value for name, value in produced.items()
-                           if name != "logits"}}
-        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        inputs = {"input_ids": ids, **masks, **({"encoder_hidden_states": hidden} if first else {})}
+        loop.append(TorchStep(where, inputs, reference, tokens=ids, session=1 if first else 2))
+        if step < steps:
+            ids = out.logits[:, -1].argmax(-1, keepdim=True) if tokens is None else tokens[step]
+    return loop
+
+
+def _loop_checks(loop: TorchLoop, sessions: list, provider: str, atol: float | None, rtol: float | None,
+                 judge_noise: bool) -> list[tuple[Check, str | None]]:
+    """onnxruntime over ``loop``'s steps, the with-past decoder fed its own presents: each check and its note."""
+    past: dict[str, torch.Tensor] = {}
+    checks = []
+    for index, step in enumerate(loop.steps):
+        sess = sessions[step.session]
+        names = [o.name for o in sess.get_outputs()]
+        try:
+            produced = dict(zip(names, runtime.run_torch(sess, {**step.feeds, **past} if step.session == 2
+                                                          else step.feeds)))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
+            raise ExportError(f"onnxruntime failed at {step.where} ({' '.join(str(exc).split())[:200]})") from exc
+        label = f"onnxruntime {provider} vs torch ({step.where})"
+        check, note = compare_named(step.reference, produced, label, atol, rtol,
+                                    noise=functools.partial(loop.noise, index) if judge_noise else None)
+        checks.append((check, note and f"{label}: {note}"))
+        if step.session:
+            past |= {name.replace("present", "past_key_values", 1): value for name, value in produced.items()
+                     if name != "logits"}
     return checks
-
-
-def _compare(sess: object, feeds: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], where: str,
-                      provider: str, atol: float | None, rtol: float | None
-                      ) -> tuple[Check, dict[str, torch.Tensor]]:
-    """Run ``sess`` on ``feeds``; the check of its outputs against ``reference``, and the outputs by name."""
-    names = [o.name for o in sess.get_outputs()]
-    try:
-        produced = dict(zip(names, runtime.run_torch(sess, feeds)))
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
-        raise ExportError(f"onnxruntime failed at {where} ({' '.join(str(exc).split())[:200]})") from exc
-    check = compare_outputs(reference, {n: produced[n] for n in reference if n in produced}, atol=atol, rtol=rtol,
-                            label=f"onnxruntime {provider} vs torch ({where})", prefix="")
-    check = replace(check, outputs=tuple(replace(o, name=o.name.lstrip(".")) for o in check.outputs))
-    return check, produced
 
 
 __all__ = ["FILES", "Seq2SeqDecoder", "Seq2SeqEncoder", "Seq2SeqLayout", "check_folder_target",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from normsurgeon.report import Report
 from tests.helpers import give_realistic_stats
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -71,3 +73,41 @@ class Nested(nn.Module):
     def forward(self, x, ids, mask=None, scale=2.0):
         h = self.lin(x) * scale + self.embed(ids)
         return {"hidden": h, "pair": (h.sum(-1), ids + 1)}
+
+
+@pytest.fixture(scope="session")
+def with_past_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[nn.Module, Path, Report]]:
+    """``get(name)``: a tiny causal LM (tests/hf_models.py ``causal_lm``), its with-past export and the export's
+    report, made on first use (each export takes seconds; several test files verify the same files)."""
+    from normsurgeon.onnx.with_past import export_with_past
+    from tests.hf_models import causal_lm
+
+    made: dict[str, tuple[nn.Module, Path, Report]] = {}
+
+    def get(name: str) -> tuple[nn.Module, Path, Report]:
+        if name not in made:
+            model = causal_lm(name)
+            path = tmp_path_factory.mktemp("with_past") / f"{name}.onnx"
+            made[name] = model, path, export_with_past(model, path)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def seq2seq_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[nn.Module, Path, Report]]:
+    """``get(name)``: a tiny encoder-decoder (tests/hf_models.py ``pretrained_model``: t5, whisper), its with-past
+    export folder and the export's report, made on first use."""
+    from normsurgeon.onnx.with_past_seq2seq import export_seq2seq_with_past
+    from tests.hf_models import pretrained_model
+
+    made: dict[str, tuple[nn.Module, Path, Report]] = {}
+
+    def get(name: str) -> tuple[nn.Module, Path, Report]:
+        if name not in made:
+            model = pretrained_model(name)
+            folder = tmp_path_factory.mktemp("seq2seq") / f"{name}-onnx"
+            made[name] = model, folder, export_seq2seq_with_past(model, folder)
+        return made[name]
+
+    return get

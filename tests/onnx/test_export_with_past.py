@@ -20,7 +20,6 @@ from torch import nn
 
 from normsurgeon.errors import ExportError
 from normsurgeon.onnx.with_past import CacheLayout, export_with_past, verify_with_past
-from normsurgeon.report import Report
 from tests.hf_models import VOCAB, causal_lm, pretrained_model
 
 MODELS = ("llama", "qwen2", "gpt2")
@@ -28,19 +27,10 @@ NEW_TOKENS = 5
 PAD = 0
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path, Report]]:
-    """Each model's with-past export, made on first use."""
-    made: dict[str, tuple[nn.Module, Path, Report]] = {}
-
-    def get(name: str) -> tuple[nn.Module, Path, Report]:
-        if name not in made:
-            model = causal_lm(name)
-            path = tmp_path_factory.mktemp("with_past") / f"{name}.onnx"
-            made[name] = model, path, export_with_past(model, path)
-        return made[name]
-
-    return get
+@pytest.fixture
+def exported(with_past_exports):
+    """Each model's with-past export (tests/onnx/conftest.py: made once per test process)."""
+    return with_past_exports
 
 
 def dims(value: onnx.ValueInfoProto) -> list[int | str]:

@@ -21,7 +21,6 @@ from torch import nn
 
 from normsurgeon.errors import ExportError, OutputError
 from normsurgeon.onnx.with_past_seq2seq import FILES, Seq2SeqLayout, export_seq2seq_with_past, verify_seq2seq
-from normsurgeon.report import Report
 from tests.hf_models import VOCAB, hf_model, pretrained_model
 
 MODELS = ("t5", "whisper")
@@ -29,19 +28,10 @@ NEW_TOKENS = 5
 CROSS = "encoder_sequence_length_out"  # optimum's name for the cross-attention keys' length
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[nn.Module, Path, Report]]:
-    """Each model's with-past export folder, made on first use."""
-    made: dict[str, tuple[nn.Module, Path, Report]] = {}
-
-    def get(name: str) -> tuple[nn.Module, Path, Report]:
-        if name not in made:
-            model = pretrained_model(name)
-            folder = tmp_path_factory.mktemp("seq2seq") / f"{name}-onnx"
-            made[name] = model, folder, export_seq2seq_with_past(model, folder)
-        return made[name]
-
-    return get
+@pytest.fixture
+def exported(seq2seq_exports):
+    """Each model's with-past export folder (tests/onnx/conftest.py: made once per test process)."""
+    return seq2seq_exports
 
 
 def dims(value: onnx.ValueInfoProto) -> list[int | str]:
