@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,14 +83,11 @@ def with_past_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
     from normsurgeon.onnx.with_past import export_with_past
     from tests.hf_models import causal_lm
 
-    made: dict[str, tuple[nn.Module, Path, Report]] = {}
-
+    @functools.cache
     def get(name: str) -> tuple[nn.Module, Path, Report]:
-        if name not in made:
-            model = causal_lm(name)
-            path = tmp_path_factory.mktemp("with_past") / f"{name}.onnx"
-            made[name] = model, path, export_with_past(model, path)
-        return made[name]
+        model = causal_lm(name)
+        path = tmp_path_factory.mktemp("with_past") / f"{name}.onnx"
+        return model, path, export_with_past(model, path)
 
     return get
 
@@ -101,13 +99,10 @@ def seq2seq_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str],
     from normsurgeon.onnx.with_past_seq2seq import export_seq2seq_with_past
     from tests.hf_models import pretrained_model
 
-    made: dict[str, tuple[nn.Module, Path, Report]] = {}
-
+    @functools.cache
     def get(name: str) -> tuple[nn.Module, Path, Report]:
-        if name not in made:
-            model = pretrained_model(name)
-            folder = tmp_path_factory.mktemp("seq2seq") / f"{name}-onnx"
-            made[name] = model, folder, export_seq2seq_with_past(model, folder)
-        return made[name]
+        model = pretrained_model(name)
+        folder = tmp_path_factory.mktemp("seq2seq") / f"{name}-onnx"
+        return model, folder, export_seq2seq_with_past(model, folder)
 
     return get
