@@ -40,7 +40,7 @@ from torch import nn
 from ..check import in_float64, noise_between
 from ..errors import ExportError
 from ..inputs import ExampleInputs, forward_parameters
-from ..report import Check, Report
+from ..report import Report
 from ..surgery import eval_mode
 from . import runtime
 from .export import (
@@ -293,15 +293,12 @@ def verify_with_past(
     chosen, skipped = runtime.resolve_providers(providers)
     report.notes.extend(skipped)
     sessions = {provider: runtime.session(path, provider) for provider in chosen}
-    judge_noise = atol is None and rtol is None
     with eval_mode(model):
         loops = [TorchLoop(functools.partial(_torch_steps, model, layout, prompts(layout, batch), decode_steps))
                  for batch in batch_sizes]
         for provider, sess in sessions.items():
             for loop in loops:
-                for check, note in _decode_checks(loop, sess, layout, provider, atol, rtol, judge_noise):
-                    report.checks.append(check)
-                    report.notes.extend([note] if note else [])
+                _check_decode_loop(loop, sess, layout, provider, atol, rtol, report)
     report.facts["providers"] = list(chosen)
     report.facts["batch_sizes_verified"] = sorted(batch_sizes)
     report.facts["decode_steps_verified"] = decode_steps
@@ -341,6 +338,26 @@ class TorchLoop:
         exact = self.exact
         return None if exact is None else noise_between(self.steps[index].reference, exact[index].reference)
 
+    def record(self, report: Report, index: int, produced: dict[str, torch.Tensor], provider: str,
+               atol: float | None, rtol: float | None) -> None:
+        """Step ``index``'s check of onnxruntime's outputs ``produced`` into ``report``; under the default
+        tolerances a failure within the step's rounding noise passes, with a note (:func:`compare_named`)."""
+        step = self.steps[index]
+        label = f"onnxruntime {provider} vs torch ({step.where})"
+        noise = functools.partial(self.noise, index) if atol is None and rtol is None else None
+        check, note = compare_named(step.reference, produced, label, atol, rtol, noise=noise)
+        report.checks.append(check)
+        report.notes.extend([f"{label}: {note}"] if note else [])
+
+
+def run_step(sess: object, feeds: dict[str, torch.Tensor], names: Sequence[str], where: str
+             ) -> dict[str, torch.Tensor]:
+    """onnxruntime's outputs for one step of a loop, by ``names``; its failure an ExportError naming the step."""
+    try:
+        return dict(zip(names, run_torch(sess, feeds)))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
+        raise ExportError(f"onnxruntime failed at {where} ({' '.join(str(exc).split())[:200]})") from exc
+
 
 def _torch_steps(model: nn.Module, layout: CacheLayout, prompt: _Prompt, steps: int,
                  tokens: Sequence[torch.Tensor] | None = None) -> list[TorchStep]:
@@ -366,24 +383,16 @@ def _torch_steps(model: nn.Module, layout: CacheLayout, prompt: _Prompt, steps: 
     return loop
 
 
-def _decode_checks(loop: TorchLoop, sess: object, layout: CacheLayout, provider: str, atol: float | None,
-                   rtol: float | None, judge_noise: bool) -> list[tuple[Check, str | None]]:
-    """onnxruntime over ``loop``'s steps, fed its own presents: each step's check and its rounding-noise note."""
+def _check_decode_loop(loop: TorchLoop, sess: object, layout: CacheLayout, provider: str, atol: float | None,
+                       rtol: float | None, report: Report) -> None:
+    """onnxruntime over ``loop``'s steps, fed its own presents: each step's check (and note) into ``report``."""
     past = layout.empty_past(loop.steps[0].tokens.shape[0])
-    checks = []
     for index, step in enumerate(loop.steps):
         feeds = {**step.feeds, **dict(zip(layout.input_names[len(step.feeds):], past))}
-        try:
-            produced = dict(zip(layout.output_names, run_torch(sess, feeds)))
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
-            raise ExportError(f"onnxruntime failed at {step.where} ({' '.join(str(exc).split())[:200]})") from exc
+        produced = run_step(sess, feeds, layout.output_names, step.where)
         mask, new = step.feeds["attention_mask"], step.feeds["input_ids"].shape[1]
-        label = f"onnxruntime {provider} vs torch ({step.where})"
-        check, note = compare_named(step.reference, _unpadded(produced, mask, new), label, atol, rtol,
-                                    noise=functools.partial(loop.noise, index) if judge_noise else None)
-        checks.append((check, note and f"{label}: {note}"))
+        loop.record(report, index, _unpadded(produced, mask, new), provider, atol, rtol)
         past = [produced[name] for name in layout.output_names[1:]]
-    return checks
 
 
 def _unpadded(outputs: dict[str, torch.Tensor], mask: torch.Tensor, new: int) -> dict[str, torch.Tensor]:
@@ -407,4 +416,4 @@ def _step_name(step: int, batch: int, mask: torch.Tensor, ids: torch.Tensor) -> 
 
 
 __all__ = ["CacheLayout", "FlatCache", "TorchLoop", "TorchStep", "export_with_past", "positions_for", "prompts",
-           "verify_with_past"]
+           "run_step", "verify_with_past"]

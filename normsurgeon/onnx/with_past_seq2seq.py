@@ -54,7 +54,7 @@ from torch import nn
 from ..errors import ExportError, OutputError
 from ..inputs import ExampleInputs, forward_parameters
 from ..io.pretrained_output import put_in_place
-from ..report import Check, Report
+from ..report import Report
 from ..surgery import eval_mode
 from . import runtime
 from .export import (
@@ -67,8 +67,7 @@ from .export import (
     quiet,
     unloadable_as_export_error,
 )
-from .verify import compare_named
-from .with_past import DECODE_STEPS, TorchLoop, TorchStep, returned_cache
+from .with_past import DECODE_STEPS, TorchLoop, TorchStep, returned_cache, run_step
 
 ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE = "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"
 FILES = (ENCODER_FILE, DECODER_FILE, WITH_PAST_FILE)
@@ -430,16 +429,13 @@ def verify_seq2seq(
     report = Report("verify")
     chosen, skipped = runtime.resolve_providers(providers)
     report.notes.extend(skipped)
-    judge_noise = atol is None and rtol is None
     with eval_mode(model):
         loops = [TorchLoop(functools.partial(_torch_steps, model, layout, batch, decode_steps))
                  for batch in batch_sizes]
         for provider in chosen:
             sessions = [runtime.session(folder / name, provider) for name in FILES]
             for loop in loops:
-                for check, note in _loop_checks(loop, sessions, provider, atol, rtol, judge_noise):
-                    report.checks.append(check)
-                    report.notes.extend([note] if note else [])
+                _check_loop(loop, sessions, provider, atol, rtol, report)
     report.facts["providers"] = list(chosen)
     report.facts["batch_sizes_verified"] = sorted(batch_sizes)
     report.facts["decode_steps_verified"] = decode_steps
@@ -476,27 +472,19 @@ def _torch_steps(model: nn.Module, layout: Seq2SeqLayout, batch: int, steps: int
     return loop
 
 
-def _loop_checks(loop: TorchLoop, sessions: list, provider: str, atol: float | None, rtol: float | None,
-                 judge_noise: bool) -> list[tuple[Check, str | None]]:
-    """onnxruntime over ``loop``'s steps, the with-past decoder fed its own presents: each check and its note."""
+def _check_loop(loop: TorchLoop, sessions: list, provider: str, atol: float | None, rtol: float | None,
+                report: Report) -> None:
+    """onnxruntime over ``loop``'s steps, the with-past decoder fed its own presents: each check (and note) into
+    ``report``."""
     past: dict[str, torch.Tensor] = {}
-    checks = []
     for index, step in enumerate(loop.steps):
         sess = sessions[step.session]
-        names = [o.name for o in sess.get_outputs()]
-        try:
-            produced = dict(zip(names, runtime.run_torch(sess, {**step.feeds, **past} if step.session == 2
-                                                          else step.feeds)))
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument/... types
-            raise ExportError(f"onnxruntime failed at {step.where} ({' '.join(str(exc).split())[:200]})") from exc
-        label = f"onnxruntime {provider} vs torch ({step.where})"
-        check, note = compare_named(step.reference, produced, label, atol, rtol,
-                                    noise=functools.partial(loop.noise, index) if judge_noise else None)
-        checks.append((check, note and f"{label}: {note}"))
+        feeds = {**step.feeds, **past} if step.session == 2 else step.feeds
+        produced = run_step(sess, feeds, [o.name for o in sess.get_outputs()], step.where)
+        loop.record(report, index, produced, provider, atol, rtol)
         if step.session:
             past |= {name.replace("present", "past_key_values", 1): value for name, value in produced.items()
                      if name != "logits"}
-    return checks
 
 
 __all__ = ["FILES", "Seq2SeqDecoder", "Seq2SeqEncoder", "Seq2SeqLayout", "check_folder_target",

@@ -76,33 +76,35 @@ class Nested(nn.Module):
         return {"hidden": h, "pair": (h.sum(-1), ids + 1)}
 
 
+Exports = Callable[[str], tuple[nn.Module, Path, Report]]
+
+
 @pytest.fixture(scope="session")
-def with_past_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[nn.Module, Path, Report]]:
+def with_past_exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     """``get(name)``: a tiny causal LM (tests/hf_models.py ``causal_lm``), its with-past export and the export's
     report, made on first use (each export takes seconds; several test files verify the same files)."""
     from normsurgeon.onnx.with_past import export_with_past
     from tests.hf_models import causal_lm
 
-    @functools.cache
-    def get(name: str) -> tuple[nn.Module, Path, Report]:
-        model = causal_lm(name)
-        path = tmp_path_factory.mktemp("with_past") / f"{name}.onnx"
-        return model, path, export_with_past(model, path)
-
-    return get
+    return _made_on_first_use(tmp_path_factory, causal_lm, export_with_past, "{name}.onnx")
 
 
 @pytest.fixture(scope="session")
-def seq2seq_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[nn.Module, Path, Report]]:
+def seq2seq_exports(tmp_path_factory: pytest.TempPathFactory) -> Exports:
     """``get(name)``: a tiny encoder-decoder (tests/hf_models.py ``pretrained_model``: t5, whisper), its with-past
     export folder and the export's report, made on first use."""
     from normsurgeon.onnx.with_past_seq2seq import export_seq2seq_with_past
     from tests.hf_models import pretrained_model
 
+    return _made_on_first_use(tmp_path_factory, pretrained_model, export_seq2seq_with_past, "{name}-onnx")
+
+
+def _made_on_first_use(tmp_path_factory: pytest.TempPathFactory, build: Callable[[str], nn.Module],
+                       export: Callable[[nn.Module, Path], Report], output: str) -> Exports:
     @functools.cache
     def get(name: str) -> tuple[nn.Module, Path, Report]:
-        model = pretrained_model(name)
-        folder = tmp_path_factory.mktemp("seq2seq") / f"{name}-onnx"
-        return model, folder, export_seq2seq_with_past(model, folder)
+        model = build(name)
+        path = tmp_path_factory.mktemp("exports") / output.format(name=name)
+        return model, path, export(model, path)
 
     return get
